@@ -1,0 +1,56 @@
+# Two entry points for a fresh machine with nothing but Python:  `make demo`  and  `make test`.
+# GPU users: install your CUDA build of torch into .venv first and call `make ... TORCH=` to keep it.
+PY     ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+DEMO_OUT ?= demo_out
+
+.PHONY: install demo test sync-check nbtest pytest bench clean-nbs lint help
+
+help:
+	@echo "make demo   - set up .venv, pre-train the tiny model on data_samples/, probe it, write $(DEMO_OUT)/report.md"
+	@echo "make test   - set up .venv, check notebooks/package sync, nbdev-test, pytest"
+	@echo "make bench  - run the benchmarks in benchmarks/"
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# the CPU build of torch comes from a local wheel on these machines; a plain `pip install torch` downloads GBs
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH)" ]; then $(BIN)/python -m pip install -q "$(TORCH)"; fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/msm demo --out $(DEMO_OUT)
+
+# notebooks are the source: cleaning and exporting must not change anything that is committed
+sync-check: install
+	$(BIN)/nbdev-clean
+	$(BIN)/nbdev-export
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  changed="$$(git status --porcelain -- nbs msm)"; \
+	  if [ -n "$$changed" ]; then \
+	    echo "Notebooks and msm/ are out of sync (run nbdev-clean && nbdev-export and commit):"; \
+	    echo "$$changed"; git --no-pager diff --stat -- nbs msm; exit 1; \
+	  fi; \
+	fi
+
+# two notebooks at a time, one BLAS thread each: 2 cores
+nbtest: install
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/nbdev-test --n-workers 2 --timing
+
+pytest: install
+	MPLBACKEND=Agg $(BIN)/python -m pytest -q
+
+test: sync-check nbtest pytest
+
+bench: install
+	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+lint: install
+	$(BIN)/ruff check msm tests benchmarks
