@@ -6,22 +6,31 @@ column multiply by the FNV prime, then XOR the column), an argsort of the hashes
 return_counts)` on the sorted hashes and one random point per voxel (a random offset into each run).
 
 Both run on the same seeded ~10 x 10 x 3 m synthetic room of 1M points at 2 cm, with the same number of threads
-(torch threads; numpy's sort is single-threaded anyway). After a warm-up, the median of repeated runs is reported.
+(torch threads; numpy's sort is single-threaded anyway). After a warm-up, the implementations run interleaved and the
+median of the repeated runs is reported.
 The results are checked to be the same voxelisation up to voxel order: the same set of grid coordinates, and every
 point mapped to the same grid coordinate. Last line: one JSON object with the figures (speedup = peer / ours).
 
     python benchmarks/bench_voxelize.py [--points 1000000] [--repeats 7] [--threads 2] [--voxel-size 0.02]
+
+OpenMP threads (torch's) spin while they wait by default; on a machine shared with other jobs that spinning makes
+2-thread torch ops several times slower (measured here: 50 ms -> 400 ms at load 2 on 2 cores), so this script sets
+OMP_WAIT_POLICY=PASSIVE unless the environment already sets it (it is printed with the results). numpy's sort is
+single-threaded and unaffected.
 """
 
-import argparse
-import json
 import os
-import time
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
 
-from msm.voxelize import grid_sample
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from msm.voxelize import grid_sample  # noqa: E402
 
 FNV64_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV64_PRIME = np.uint64(0x100000001B3)
@@ -87,14 +96,18 @@ def same_voxelisation(coord, voxel_size, ours, peer) -> bool:
     return bool(same_set and same_map and kept_inside)
 
 
-def timed(fn, repeats: int):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed(fns: dict, repeats: int) -> dict:
+    "Milliseconds of every function in `fns`, run interleaved (one of each per round, so a busy spell on a shared"
+    " machine hits all of them alike) after one warm-up each."
+    for fn in fns.values():
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times)), times
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def main():
@@ -116,13 +129,16 @@ def main():
     peer = peer_grid_sample(coord, args.voxel_size, rng)
     identical = same_voxelisation(coord, args.voxel_size, ours, peer)
 
-    ours_ms, ours_all = timed(lambda: grid_sample(coord_t, args.voxel_size, "train", gen), args.repeats)
-    first_ms, _ = timed(lambda: grid_sample(coord_t, args.voxel_size, "first"), args.repeats)
-    peer_ms, peer_all = timed(lambda: peer_grid_sample(coord, args.voxel_size, rng), args.repeats)
+    times = timed({"ours": lambda: grid_sample(coord_t, args.voxel_size, "train", gen),
+                   "first": lambda: grid_sample(coord_t, args.voxel_size, "first"),
+                   "peer": lambda: peer_grid_sample(coord, args.voxel_size, rng)}, args.repeats)
+    ours_all, peer_all = times["ours"], times["peer"]
+    ours_ms, first_ms, peer_ms = (float(np.median(times[k])) for k in ("ours", "first", "peer"))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     print(f"grid sampling {len(coord):,} points at {args.voxel_size * 100:g} cm -> {ours.num_voxels:,} voxels, "
-          f"{args.threads} torch threads, load average {load:.2f} on {os.cpu_count()} cores")
+          f"{args.threads} torch threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), load average {load:.2f} "
+          f"on {os.cpu_count()} cores")
     print(f"{'implementation':<44}{'median ms':>10}{'min ms':>9}{'max ms':>9}")
     print(f"{'msm grid_sample (torch, mode=train)':<44}{ours_ms:>10.1f}{min(ours_all):>9.1f}{max(ours_all):>9.1f}")
     print(f"{'msm grid_sample (torch, mode=first)':<44}{first_ms:>10.1f}")
@@ -130,7 +146,8 @@ def main():
     print(f"same voxel set and point-to-voxel map: {identical}; speedup (peer / ours, train): {peer_ms / ours_ms:.2f}x")
     print(json.dumps({"points": len(coord), "voxels": ours.num_voxels, "threads": args.threads,
                       "ours_ms": round(ours_ms, 2), "ours_first_ms": round(first_ms, 2), "peer_ms": round(peer_ms, 2),
-                      "speedup": round(peer_ms / ours_ms, 2), "identical": identical, "load_avg": round(load, 2)}))
+                      "speedup": round(peer_ms / ours_ms, 2), "identical": identical, "load_avg": round(load, 2),
+                      "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}))
 
 
 if __name__ == "__main__":
