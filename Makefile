@@ -40,12 +40,13 @@ sync-check: install
 	  fi; \
 	fi
 
-# two notebooks at a time, one BLAS thread each: 2 cores
+# two notebooks at a time, one BLAS thread each: 2 cores. OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep
+# instead of spinning, which otherwise slows 2-thread torch 5-10x whenever another process holds a core
 nbtest: install
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/nbdev-test --n-workers 2 --timing
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE MPLBACKEND=Agg $(BIN)/nbdev-test --n-workers 2 --timing
 
 pytest: install
-	MPLBACKEND=Agg $(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE MPLBACKEND=Agg $(BIN)/python -m pytest -q
 
 test: sync-check nbtest pytest
 
