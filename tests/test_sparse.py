@@ -6,9 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import msm.sparse
 from msm.core import MSMError
-from msm.sparse import (Conv3d, DropPath, RMSNorm, SparseTensor, downsample, kernel_map, kernel_offsets, lookup,
-                        sparse_backend, sparse_conv)
+from msm.sparse import (
+    Conv3d,
+    DropPath,
+    RMSNorm,
+    SparseTensor,
+    downsample,
+    kernel_map,
+    kernel_offsets,
+    lookup,
+    sparse_backend,
+    sparse_conv,
+)
 
 
 def random_coords(n, batch=3, lo=-8, hi=8, shift=(0, 0, 0), seed=0):
@@ -111,6 +122,42 @@ def test_lookup_brute_force():
     assert (lookup(query, table[:0]) == -1).all()
 
 
+def reference_conv(feats, kernel, km, transposed=False):
+    "Plain per-offset gather -> matmul -> index_add_ (autograd does the backward)."
+    src, dst, n = (km.out_idx, km.in_idx, km.n_in) if transposed else (km.in_idx, km.out_idx, km.n_out)
+    out = feats.new_zeros(n, kernel.shape[2])
+    for k in range(len(src)):
+        out = out.index_add(0, dst[k], feats[src[k]] @ kernel[k])
+    return out
+
+
+@pytest.mark.parametrize("block", [37, 1000, 16384])
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_blocked_engine_matches_reference(block, order, monkeypatch):
+    monkeypatch.setattr(msm.sparse, "_BLOCK_PAIRS", block)
+    cc = random_coords(800, lo=-7, hi=7, seed=16)
+    if order == "sorted":
+        cc = torch.unique(cc, dim=0).int()
+    cases = [(kernel_map(cc, 3), False, 5, 6), (kernel_map(cc, 5), False, 3, 4)]
+    _, dkm = downsample(cc)
+    cases += [(dkm, False, 5, 6), (dkm, True, 6, 5)]
+    part = torch.unique(torch.cat([cc[:, :1], torch.div(cc[:, 1:], 2, rounding_mode="floor")], 1), dim=0)[::2].int()
+    cases.append((msm.sparse._reparent(dkm, part), True, 6, 5))  # some fine voxels without a parent
+    for km, tr, cin, cout in cases:
+        n_in = km.n_out if tr else km.n_in
+        f = torch.randn(n_in, cin, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(len(km.offsets), cin, cout, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(cout, dtype=torch.float64, requires_grad=True)
+        go = torch.randn(km.n_in if tr else km.n_out, cout, dtype=torch.float64)
+        got = sparse_conv(f, w, km, b, transposed=tr)
+        grads = torch.autograd.grad(got, (f, w, b), go)
+        ref = reference_conv(f, w, km, tr) + b
+        ref_grads = torch.autograd.grad(ref, (f, w, b), go)
+        torch.testing.assert_close(got, ref)
+        for a, r in zip(grads, ref_grads):
+            torch.testing.assert_close(a, r)
+
+
 def test_gradcheck_conv_function():
     cc = random_coords(40, batch=2, lo=-3, hi=3, seed=8)
     f = torch.randn(len(cc), 3, dtype=torch.float64, requires_grad=True)
@@ -118,7 +165,7 @@ def test_gradcheck_conv_function():
         w = torch.randn(ks**3, 3, 2, dtype=torch.float64, requires_grad=True)
         b = torch.randn(2, dtype=torch.float64, requires_grad=True)
         km = kernel_map(cc, ks)
-        assert torch.autograd.gradcheck(lambda f, w, b: sparse_conv(f, w, km, b), (f, w, b))
+        assert torch.autograd.gradcheck(lambda f, w, b, km=km: sparse_conv(f, w, km, b), (f, w, b))
     _, dkm = downsample(cc)
     w = torch.randn(8, 3, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda f, w: sparse_conv(f, w, dkm), (f, w))
@@ -241,8 +288,10 @@ def test_equal_to_spconv_cpu():
         s_up = spconv.SparseInverseConv3d(12, 8, 2, bias=True, indice_key="down")
         with torch.no_grad():
             s_subm.weight.copy_(_spconv_weight(subm.kernel, 3))
-            s_down.weight.copy_(_spconv_weight(down.kernel, 2)); s_down.bias.copy_(down.bias)
-            s_up.weight.copy_(_spconv_weight(up.kernel, 2)); s_up.bias.copy_(up.bias)
+            s_down.weight.copy_(_spconv_weight(down.kernel, 2))
+            s_down.bias.copy_(down.bias)
+            s_up.weight.copy_(_spconv_weight(up.kernel, 2))
+            s_up.bias.copy_(up.bias)
             st = spconv.SparseConvTensor(feats, cc, [30, 30, 30], 2)
             y1 = s_subm(st)
             y2 = s_down(y1)
