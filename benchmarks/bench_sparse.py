@@ -18,6 +18,7 @@ The last line printed is one JSON object with the figures (speedup = spconv time
 """
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -55,15 +56,18 @@ def voxel_coords(points: np.ndarray, voxel_size: float = 0.02) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([np.zeros((len(grid), 1), np.int64), grid], 1)).int()
 
 
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    "Median ms of each callable, timed in interleaved rounds (one call of each per round) so load hits all alike."
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def peak_bytes(fn) -> int:
@@ -94,8 +98,8 @@ def spconv_weight(kernel: torch.Tensor, ks: int) -> torch.Tensor:
     return (w.permute(4, 2, 1, 0, 3) if ks % 2 else w.permute(4, 0, 1, 2, 3)).contiguous()
 
 
-def measure(layer, n_out, feats, fwd, forward, cold, repeats):
-    "Median times of fwd (no grad), forward + backward and cold (None: skip) and the peak-memory ratio."
+def prepare(layer, n_out, feats, fwd, forward, cold):
+    "Callables for the timings ('fwd' without grad, 'fwd+bwd', 'cold' when given) and the peak-memory ratio."
     gy = torch.randn(n_out, layer.out_channels)
 
     def fwd_bwd():
@@ -106,16 +110,20 @@ def measure(layer, n_out, feats, fwd, forward, cold, repeats):
         y.backward(gy)
         return y
 
-    with torch.no_grad():
-        r = {"fwd": median_ms(fwd, repeats)}
-        if cold is not None:
-            r["cold"] = median_ms(cold, repeats)
-    r["fwd+bwd"] = median_ms(fwd_bwd, repeats)
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    fns = {"fwd": no_grad(fwd), "fwd+bwd": fwd_bwd}
+    if cold is not None:
+        fns["cold"] = no_grad(cold)
+    fwd_bwd()
     weights = list(layer.parameters())
     live_before = nbytes(feats, gy, *weights)  # alive before the call
     must = live_before + nbytes(fwd_bwd(), feats.grad, *[p.grad for p in weights])  # + output and gradients
-    r["peak_mem_ratio"] = (live_before + peak_bytes(fwd_bwd)) / must
-    return r
+    return fns, (live_before + peak_bytes(fwd_bwd)) / must
 
 
 def _import_spconv():
@@ -154,15 +162,15 @@ def main():
     rows, fig = [], {"voxels": M, "voxels_s2": len(x_s2), "pairs_3x3x3": km.n_pairs}
     ours = {"subm 3x3x3 32->32": (subm, x, M), "down 2x2x2 s2 32->64": (down, x, len(x_s2)),
             "transposed 2x2x2 64->32": (up, x_s2, M)}
+    fns, mem = {}, {}
     for name, (layer, inp, n_out) in ours.items():
         feats = inp.feats.detach().clone().requires_grad_()
-        rows.append((name, measure(
+        fns[name, "msm"], mem[name, "msm"] = prepare(
             layer, n_out, feats,
             fwd=lambda layer=layer, inp=inp: layer(inp),
             forward=lambda f, layer=layer, inp=inp: layer(SparseTensor._derived(f, inp.coords, inp.stride, inp.cache)).feats,
             cold=None if layer is up else lambda layer=layer, inp=inp: layer(
-                SparseTensor(inp.feats, inp.coords.clone(), stride=inp.stride, check=False)),
-            repeats=args.repeats)))
+                SparseTensor(inp.feats, inp.coords.clone(), stride=inp.stride, check=False)))
 
     peers = {}  # spconv, same voxels and weights
     spconv = None if args.no_spconv else _import_spconv()
@@ -190,15 +198,25 @@ def main():
                   "transposed 2x2x2 64->32": (s_up, st2, M)}
         for name, (layer, base, n_out) in theirs.items():
             feats = base.features.detach().clone().requires_grad_()
-            r = measure(
+            fns[name, "spconv"], mem[name, "spconv"] = prepare(
                 layer, n_out, feats,
                 fwd=lambda layer=layer, base=base: layer(base),
                 forward=lambda f, layer=layer, base=base: layer(base.replace_feature(f)).features,
                 cold=None if layer is s_up else lambda layer=layer: layer(
-                    spconv.SparseConvTensor(x_feats, coords, shape, 1)),
-                repeats=args.repeats)
-            r["max_abs_err"] = err[name.split()[0]]
-            peers[name] = r
+                    spconv.SparseConvTensor(x_feats, coords, shape, 1)))
+
+    libs = ["msm", "spconv"] if spconv is not None else ["msm"]
+    load = os.getloadavg()[0]
+    for name in ours:
+        r = {lib: {} for lib in libs}
+        for key in fns[name, "msm"]:
+            got = interleaved_medians({lib: fns[name, lib][key] for lib in libs}, args.repeats)
+            for lib in libs:
+                r[lib][key] = got[lib]
+        rows.append((name, dict(r["msm"], peak_mem_ratio=mem[name, "msm"])))
+        if spconv is not None:
+            peers[name] = dict(r["spconv"], peak_mem_ratio=mem[name, "spconv"], max_abs_err=err[name.split()[0]])
+    load = max(load, os.getloadavg()[0])
 
     print()
     print(f"{'layer':26s} {'measure':8s} {'msm ms':>9s} {'spconv ms':>10s} {'speedup':>8s}")
@@ -231,6 +249,9 @@ def main():
         fig["ours_ms"] = fig["subm_fwd_bwd_ms"]
         fig["peer_ms"] = fig["subm_fwd_bwd_spconv_ms"]
         fig["speedup"] = fig["subm_fwd_bwd_speedup"]
+    print(f"timing: medians of {args.repeats} interleaved rounds after warm-up, 1 thread each; "
+          f"1-minute load average during the run up to {load:.1f} (2 = both cores busy)")
+    fig["load_avg"] = round(load, 2)
     print(json.dumps(fig))
 
 

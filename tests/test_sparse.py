@@ -41,7 +41,7 @@ def dense_weight(kernel, ks, transposed=False):
 
 
 def at_sites(dense, coords, origin):
-    l = coords[:, 1:].long() - torch.as_tensor(origin).long()
+    l = coords[:, 1:].long() - torch.as_tensor(origin, device=coords.device).long()
     return dense[coords[:, 0].long(), :, l[:, 0], l[:, 1], l[:, 2]]
 
 
@@ -55,15 +55,27 @@ def brute_map(coords, ks):
 
 
 SHIFTS = [(0, 0, 0), (-1_000_001, 77, 3_000_000)]  # negative and large coordinates
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the same tests on the GPU where there is one
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    "Full float32 on GPUs: cuDNN's TF32 default makes the dense references too coarse for 1e-5."
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shift", SHIFTS)
 @pytest.mark.parametrize("ks", [1, 3, 5])
-def test_subm_equals_dense_conv3d(ks, shift):
+def test_subm_equals_dense_conv3d(ks, shift, device):
     cc = random_coords(500, shift=shift, seed=ks)
     cc = torch.cat([cc, torch.tensor([[0, 100, 100, 100]], dtype=torch.int32) + torch.tensor([0, *shift])]).int()
-    x = SparseTensor(torch.randn(len(cc), 5), cc)  # the last voxel has an empty neighbourhood
-    conv = Conv3d(5, 7, ks, bias=True)
+    cc = cc.to(device)
+    x = SparseTensor(torch.randn(len(cc), 5, device=device), cc)  # the last voxel has an empty neighbourhood
+    conv = Conv3d(5, 7, ks, bias=True).to(device)
     origin = (cc[:, 1:].min(0).values - ks // 2).tolist()
     shape = (cc[:, 1:].max(0).values - cc[:, 1:].min(0).values + 1 + 2 * (ks // 2)).tolist()
     dense = x.dense(shape, origin)
@@ -73,11 +85,13 @@ def test_subm_equals_dense_conv3d(ks, shift):
     assert out.coords is x.coords
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shift", [(0, 0, 0), (-1_000_001, 77, 3_000_001)])
-def test_down_and_transposed_equal_dense(shift):
-    cc = random_coords(600, shift=shift, seed=5)
-    x = SparseTensor(torch.randn(len(cc), 4), cc)
-    down, up = Conv3d(4, 6, 2, stride=2, bias=True), Conv3d(6, 3, 2, stride=2, bias=True, transposed=True)
+def test_down_and_transposed_equal_dense(shift, device):
+    cc = random_coords(600, shift=shift, seed=5).to(device)
+    x = SparseTensor(torch.randn(len(cc), 4, device=device), cc)
+    down = Conv3d(4, 6, 2, stride=2, bias=True).to(device)
+    up = Conv3d(6, 3, 2, stride=2, bias=True, transposed=True).to(device)
     lo = torch.div(cc[:, 1:].min(0).values, 2, rounding_mode="floor") * 2
     shape = (cc[:, 1:].max(0).values - lo + 2).tolist()
     shape = [s + s % 2 for s in shape]
@@ -92,10 +106,12 @@ def test_down_and_transposed_equal_dense(shift):
     torch.testing.assert_close(x_up.feats, at_sites(ref_up, cc, lo.tolist()), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ks", [3, 5])
-def test_kernel_map_brute_force(ks):
-    for cc in (random_coords(300, seed=2), random_coords(300, lo=-40, hi=40, seed=3)):
-        km = kernel_map(cc, ks)
+def test_kernel_map_brute_force(ks, device):
+    for cc in (random_coords(300, seed=2), random_coords(300, lo=-40, hi=40, seed=3),
+               random_coords(300, seed=2) * torch.tensor([1, 1, 1, 5000], dtype=torch.int32)):  # sparse columns
+        km = kernel_map(cc.to(device), ks)
         got = {k: set(zip(km.in_idx[k].tolist(), km.out_idx[k].tolist())) for k in range(ks**3)}
         assert got == brute_map(cc, ks)
 
@@ -113,11 +129,12 @@ def test_downsample_map_brute_force():
     assert km.parent.tolist() == [row[(b, x // 2, y // 2, z // 2)] for b, x, y, z in cc.tolist()]
 
 
-def test_lookup_brute_force():
+@pytest.mark.parametrize("device", DEVICES)
+def test_lookup_brute_force(device):
     table = random_coords(2000, lo=-50, hi=50, seed=6)
     query = torch.cat([table[torch.randperm(len(table))[:500]], random_coords(1500, lo=-60, hi=60, seed=7)])
     where = {tuple(r): i for i, r in enumerate(table.tolist())}
-    assert lookup(query, table).tolist() == [where.get(tuple(r), -1) for r in query.tolist()]
+    assert lookup(query.to(device), table.to(device)).tolist() == [where.get(tuple(r), -1) for r in query.tolist()]
     assert lookup(query[:0], table).shape == (0,)
     assert (lookup(query, table[:0]) == -1).all()
 
@@ -131,11 +148,12 @@ def reference_conv(feats, kernel, km, transposed=False):
     return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block", [37, 1000, 16384])
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])
-def test_blocked_engine_matches_reference(block, order, monkeypatch):
+def test_blocked_engine_matches_reference(block, order, device, monkeypatch):
     monkeypatch.setattr(msm.sparse, "_BLOCK_PAIRS", block)
-    cc = random_coords(800, lo=-7, hi=7, seed=16)
+    cc = random_coords(800, lo=-7, hi=7, seed=16).to(device)
     if order == "sorted":
         cc = torch.unique(cc, dim=0).int()
     cases = [(kernel_map(cc, 3), False, 5, 6), (kernel_map(cc, 5), False, 3, 4)]
@@ -145,10 +163,10 @@ def test_blocked_engine_matches_reference(block, order, monkeypatch):
     cases.append((msm.sparse._reparent(dkm, part), True, 6, 5))  # some fine voxels without a parent
     for km, tr, cin, cout in cases:
         n_in = km.n_out if tr else km.n_in
-        f = torch.randn(n_in, cin, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(len(km.offsets), cin, cout, dtype=torch.float64, requires_grad=True)
-        b = torch.randn(cout, dtype=torch.float64, requires_grad=True)
-        go = torch.randn(km.n_in if tr else km.n_out, cout, dtype=torch.float64)
+        f = torch.randn(n_in, cin, dtype=torch.float64, device=device, requires_grad=True)
+        w = torch.randn(len(km.offsets), cin, cout, dtype=torch.float64, device=device, requires_grad=True)
+        b = torch.randn(cout, dtype=torch.float64, device=device, requires_grad=True)
+        go = torch.randn(km.n_in if tr else km.n_out, cout, dtype=torch.float64, device=device)
         got = sparse_conv(f, w, km, b, transposed=tr)
         grads = torch.autograd.grad(got, (f, w, b), go)
         ref = reference_conv(f, w, km, tr) + b
@@ -158,19 +176,21 @@ def test_blocked_engine_matches_reference(block, order, monkeypatch):
             torch.testing.assert_close(a, r)
 
 
-def test_gradcheck_conv_function():
-    cc = random_coords(40, batch=2, lo=-3, hi=3, seed=8)
-    f = torch.randn(len(cc), 3, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_conv_function(device):
+    cc = random_coords(40, batch=2, lo=-3, hi=3, seed=8).to(device)
+    opts = dict(dtype=torch.float64, device=device, requires_grad=True)
+    f = torch.randn(len(cc), 3, **opts)
     for ks in (3, 5):
-        w = torch.randn(ks**3, 3, 2, dtype=torch.float64, requires_grad=True)
-        b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(ks**3, 3, 2, **opts)
+        b = torch.randn(2, **opts)
         km = kernel_map(cc, ks)
         assert torch.autograd.gradcheck(lambda f, w, b, km=km: sparse_conv(f, w, km, b), (f, w, b))
     _, dkm = downsample(cc)
-    w = torch.randn(8, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 3, 2, **opts)
     assert torch.autograd.gradcheck(lambda f, w: sparse_conv(f, w, dkm), (f, w))
-    fc = torch.randn(dkm.n_out, 2, dtype=torch.float64, requires_grad=True)
-    wt = torch.randn(8, 2, 3, dtype=torch.float64, requires_grad=True)
+    fc = torch.randn(dkm.n_out, 2, **opts)
+    wt = torch.randn(8, 2, 3, **opts)
     assert torch.autograd.gradcheck(lambda f, w: sparse_conv(f, w, dkm, transposed=True), (fc, wt))
 
 
@@ -191,13 +211,14 @@ def test_gradcheck_modules_double():
                                     (net[0].kernel.detach().clone().requires_grad_(),))
 
 
-def test_transposed_restores_finer_set():
-    cc = random_coords(300, seed=10)
-    x = SparseTensor(torch.randn(len(cc), 4), cc)
-    down, up = Conv3d(4, 4, 2, 2), Conv3d(4, 4, 2, 2, transposed=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_transposed_restores_finer_set(device):
+    cc = random_coords(300, seed=10).to(device)
+    x = SparseTensor(torch.randn(len(cc), 4, device=device), cc)
+    down, up = Conv3d(4, 4, 2, 2).to(device), Conv3d(4, 4, 2, 2, transposed=True).to(device)
     x_s2 = down(x)
-    x_s4 = down.__class__(4, 4, 2, 2)(x_s2)
-    back_s2 = Conv3d(4, 4, 2, 2, transposed=True)(x_s4)
+    x_s4 = Conv3d(4, 4, 2, 2).to(device)(x_s2)
+    back_s2 = Conv3d(4, 4, 2, 2, transposed=True).to(device)(x_s4)
     assert back_s2.coords is x_s2.coords
     back = up(back_s2)
     assert back.coords is x.coords
@@ -205,7 +226,7 @@ def test_transposed_restores_finer_set():
     ref = up(x_s2).feats
     torch.testing.assert_close(up(x_s2, target=x).feats, ref)
     torch.testing.assert_close(up(x_s2, target=x.coords.clone()).feats, ref)
-    perm = torch.randperm(len(x_s2))
+    perm = torch.randperm(len(x_s2), device=device)
     shuffled = SparseTensor(x_s2.feats[perm], x_s2.coords[perm], stride=2, cache=x.cache)
     torch.testing.assert_close(up(shuffled).feats, ref)
     # a coarse set missing some parents: those fine voxels get only the bias (zero here)
