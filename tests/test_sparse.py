@@ -355,3 +355,20 @@ def test_offsets_order_matches_torchsparse_convention():
     odd = [[x, y, z] for z in (-1, 0, 1) for y in (-1, 0, 1) for x in (-1, 0, 1)]
     even = [[x, y, z] for x, y, z in itertools.product((0, 1), repeat=3)]
     assert kernel_offsets(3).tolist() == odd and kernel_offsets(2).tolist() == even
+
+
+def test_autocast_bfloat16_cpu():
+    cc = random_coords(2000, batch=2, lo=0, hi=20, seed=17)
+    f = torch.randn(len(cc), 16, requires_grad=True)
+    net = [Conv3d(16, 8, 3, bias=True), Conv3d(8, 8, 2, 2), Conv3d(8, 4, 2, 2, transposed=True)]
+
+    def run(x):
+        return net[2](net[1](net[0](x))).feats
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(SparseTensor(f, cc))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert f.grad.dtype == torch.float32 and net[0].kernel.grad.dtype == torch.float32
+    ref = run(SparseTensor(f.detach(), cc))
+    assert (y.float() - ref).abs().max() / ref.abs().max() < 0.02
