@@ -219,3 +219,25 @@ def test_pca_on_cuda_matches_cpu():
     rgb_gpu, _ = pca_colors(x.cuda())
     np.testing.assert_allclose(rgb_gpu, rgb_cpu, atol=1e-4)
     np.testing.assert_allclose(pca_colors(x.cuda(), basis=basis)[0], rgb_cpu, atol=1e-5)
+
+
+def test_cli_viz_end_to_end(tmp_path):
+    "`msm viz` on a sample room with a randomly initialised tiny HUNet checkpoint: PNG, HTML and text file."
+    pytest.importorskip("msm.hunet")
+    pytest.importorskip("msm.probe")
+    from pathlib import Path
+
+    from msm.cli import main
+    from msm.hunet import HUNet, HUNetConfig
+
+    torch.manual_seed(0)
+    model = HUNet(HUNetConfig.tiny())
+    ckpt = tmp_path / "ck.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, ckpt)
+    room = sorted((Path(__file__).parents[1] / "data_samples" / "val").iterdir())[0]
+    assert main(["viz", "--ckpt", str(ckpt), "--scene", str(room), "--out", str(tmp_path / "viz")]) == 0
+    png, html, txt = (tmp_path / "viz" / n for n in ("features.png", "features.html", "pca_colors.txt"))
+    assert mpimg.imread(png)[..., :3].std() > 0.05
+    assert _html_payload(html)[2] == ["RGB", "labels", "PCA"]
+    assert np.loadtxt(txt, max_rows=3).shape == (3, 6)
+    assert main(["viz", "--ckpt", str(ckpt), "--scene", str(tmp_path / "nope"), "--out", str(tmp_path / "v2")]) == 2
