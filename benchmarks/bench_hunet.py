@@ -1,0 +1,182 @@
+"""HUNet cost: forward and forward + backward time and peak memory of the `tiny` and `ablation` presets on synthetic
+scenes of 50k / 100k / 200k points, and how they grow with the number of points (ratios 200k / 50k).
+
+A scene of N points is a row of ceil(N / 50k) furnished synthetic rooms (`msm.data.synthetic_room`, ~50k points
+each, side by side), so the number of voxels grows in proportion to N rather than saturating inside one room.
+Each preset voxelises at its own voxel size (4 cm for both). Forward runs in eval mode under `torch.no_grad()`;
+forward + backward in train mode (drop path and attention dropout on) with the loss sum of squared outputs.
+Every run builds a fresh SparseTensor, so kernel maps are built each time (as in training, where every batch is
+new). Times are medians of `--repeats` runs after one warm-up. Peak memory: on CUDA `torch.cuda.max_memory_allocated`;
+on CPU the growth of the process's peak resident set (VmHWM, reset before each measurement through
+/proc/self/clear_refs, after `malloc_trim` has returned freed heap pages) above the resident set before the run.
+
+    python benchmarks/bench_hunet.py [--points 50000 100000 200000] [--presets tiny ablation] [--repeats 3]
+                                     [--warmup 1] [--threads 2] [--device cpu|cuda|all] [--checkpoint]
+
+The 2-core machine this project is developed on runs the full default in about 10 minutes. Last line: one JSON
+object with the figures. There is no peer in this benchmark: it measures how the cost scales (a linear model gives
+ratio 4.0 for 4x the points; the `*_per_voxel_ratio` figures divide out the voxel counts).
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads collapse on a shared machine
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from msm.hunet import HUNet, HUNetConfig  # noqa: E402
+from msm.sparse import SparseTensor  # noqa: E402
+from msm.voxelize import voxelize_scene  # noqa: E402
+
+
+def scene(n_points: int, per_room: int = 50_000, seed: int = 0) -> dict:
+    "A row of ceil(n / per_room) synthetic rooms with n points in all."
+    from msm.data import synthetic_room
+
+    k = math.ceil(n_points / per_room)
+    parts, x0 = [], 0.0
+    for i in range(k):
+        r = synthetic_room(seed + i, n_points=n_points // k + (i < n_points % k))
+        c = r["coord"].copy()
+        c[:, 0] += x0 - c[:, 0].min()
+        x0 = float(c[:, 0].max()) + 1.0
+        parts.append({**r, "coord": c})
+    return {key: np.concatenate([p[key] for p in parts]) for key in ("coord", "color", "normal")}
+
+
+def _vm(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0  # MiB
+    return float("nan")
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back, so RSS = live memory
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM
+    except OSError:
+        pass
+    return _vm("VmRSS")
+
+
+def _peak(device, base):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20 - base
+    return _vm("VmHWM") - base
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(net, feats, coords, repeats, warmup=1):
+    "Median forward / forward+backward seconds and peak MiB (a fresh SparseTensor each run: kernel maps included)."
+    device = feats.device
+
+    def fwd():
+        net.eval()
+        with torch.no_grad():
+            net(SparseTensor(feats, coords))
+
+    def fwd_bwd():
+        net.train()
+        out = net(SparseTensor(feats, coords))
+        sum(o.feats.square().mean() for o in out).backward()
+        del out
+        net.zero_grad(set_to_none=True)
+
+    res = {}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            base = _reset_peak(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            mem = _peak(device, base)
+        res[f"{name}_s"], res[f"{name}_mib"] = statistics.median(times), mem
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--points", type=int, nargs="+", default=[50_000, 100_000, 200_000])
+    ap.add_argument("--presets", nargs="+", default=["tiny", "ablation"], choices=["tiny", "ablation", "paper"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    ap.add_argument("--checkpoint", action="store_true", help="HUNetConfig.checkpoint=True (recompute blocks)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    devices = ["cpu", "cuda"] if a.device == "all" else [a.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    scenes = {n: scene(n) for n in a.points}
+    summary, rows = {"threads": a.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                     "checkpoint": a.checkpoint}, []
+    print(f"{'device':6s} {'preset':9s} {'points':>8s} {'voxels':>8s} {'fwd s':>8s} {'fwd MiB':>8s} "
+          f"{'f+b s':>8s} {'f+b MiB':>8s}")
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        for preset in a.presets:
+            cfg = replace(getattr(HUNetConfig, preset)(), checkpoint=a.checkpoint)
+            torch.manual_seed(0)
+            net = HUNet(cfg).to(device)
+            per = {}
+            for n, sc in scenes.items():
+                vox = voxelize_scene(sc, cfg.voxel_size, "first")
+                gc = vox["grid_coord"]
+                coords = torch.cat([torch.zeros(len(gc), 1, dtype=torch.int32), gc], 1)
+                r = measure(net, vox["feat"].to(device), coords.to(device), a.repeats, a.warmup)
+                r["voxels"] = len(gc)
+                per[n] = r
+                rows.append((dev_name, preset, n, r))
+                print(f"{dev_name:6s} {preset:9s} {n:8d} {len(gc):8d} {r['fwd_s']:8.2f} {r['fwd_mib']:8.0f} "
+                      f"{r['fwd_bwd_s']:8.2f} {r['fwd_bwd_mib']:8.0f}", flush=True)
+            lo, hi = min(per), max(per)
+            key = f"{dev_name}_{preset}"
+            for n, r in per.items():
+                for m in ("fwd_s", "fwd_bwd_s", "fwd_bwd_mib"):
+                    summary[f"{key}_{n // 1000}k_{m}"] = round(r[m], 3)
+            vr = per[hi]["voxels"] / per[lo]["voxels"]
+            for m in ("fwd_s", "fwd_bwd_s", "fwd_mib", "fwd_bwd_mib"):
+                ratio = per[hi][m] / max(per[lo][m], 1e-9)
+                summary[f"{key}_{m}_ratio"] = round(ratio, 2)
+                summary[f"{key}_{m}_per_voxel_ratio"] = round(ratio / vr, 2)
+            summary[f"{key}_voxel_ratio"] = round(vr, 2)
+            print(f"  {key}: {hi // 1000}k / {lo // 1000}k points -> voxels x{vr:.2f}, "
+                  + ", ".join(f"{m} x{summary[f'{key}_{m}_ratio']:.2f}" for m in ("fwd_s", "fwd_bwd_s", "fwd_mib", "fwd_bwd_mib")),
+                  flush=True)
+            del net
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
