@@ -146,7 +146,7 @@ def test_tiny_50k_points_seconds():
     sum(o.feats.square().mean() for o in out).backward()
     dt = time.perf_counter() - t0
     print(f"tiny fwd+bwd, {len(x)} voxels: {dt:.2f} s")
-    assert dt < 30, dt
+    assert dt < 120, dt  # 1.4 s on 2 idle cores (30k voxels); the bound leaves room for a shared, loaded machine
 
 
 @pytest.mark.cuda
