@@ -67,6 +67,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer benchmark repeats")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--all-tests", action="store_true", help="run the whole suite, not only the device-parametrised files")
     ap.add_argument("--junit", default=None, help="also keep pytest's junit xml here")
     a = ap.parse_args()
     import torch
@@ -79,12 +80,13 @@ def main():
     py = sys.executable
     if not a.skip_tests:
         junit = a.junit or "/tmp/msm_cuda_junit.xml"
+        scope = ["tests"] if a.all_tests else ["tests/test_sparse.py", "tests/test_voxelize.py", "tests/test_cuda.py"]
         st, out, sec = sh([py, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                           "tests"], timeout=3000)
+                           *scope], timeout=3000)
         summary = next((ln for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed)", ln)), "no summary")
         cuda_st, cuda_out, _ = sh([py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"], timeout=1800)
         cuda_summary = next((ln for ln in reversed(cuda_out.splitlines()) if re.search(r"\d+ (passed|failed)", ln)), "no summary")
-        lines += ["## Tests", "", f"- whole suite (not slow) with CUDA present: `{summary.strip()}` ({sec:.0f} s)",
+        lines += ["## Tests", "", f"- {'whole suite' if a.all_tests else 'engine, voxelizer and CUDA test files'} (not slow) with CUDA present: `{summary.strip()}` ({sec:.0f} s)",
                   f"- `cuda`-marked tests only: `{cuda_summary.strip()}`", ""]
         fails = [ln for ln in (out + cuda_out).splitlines() if ln.startswith(("FAILED", "ERROR"))]
         if fails:
@@ -94,9 +96,9 @@ def main():
         rep = ["--repeats", "5"] if a.quick else []
         benches = [("sparse conv, fp32", ["benchmarks/bench_sparse_gpu.py", *rep]),
                    ("sparse conv, bf16", ["benchmarks/bench_sparse_gpu.py", "--dtype", "bfloat16", *rep]),
-                   ("HUNet", ["benchmarks/bench_hunet.py", "--cuda"]),
-                   ("pre-training", ["benchmarks/bench_pretrain.py", "--cuda"]),
-                   ("feature sampling", ["benchmarks/bench_sampling.py", "--cuda"])]
+                   ("HUNet", ["benchmarks/bench_hunet.py", "--device", "cuda", "--presets", "tiny", "ablation", "paper"]),
+                   ("pre-training", ["benchmarks/bench_pretrain.py", "--device", "cuda", "--presets", "ablation,paper"]),
+                   ("feature sampling", ["benchmarks/bench_probe.py", "--device", "cuda"])]
         lines += ["## Benchmarks", ""]
         for name, cmd in benches:
             if not (ROOT / cmd[0]).exists():
