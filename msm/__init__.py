@@ -2,11 +2,20 @@
 
 Modules:
 
+- `msm.baselines`: The neighbours of masked scene modeling as pretext tasks under one protocol: input reconstruction (Point-MAE / MAE style), masked scene contrast (MSC style), SAM-guided masked token prediction with regions, and 2D feature distillation; same backbone, same loop, same checkpoints, same probe.
 - `msm.cli`: One console command for every job: make sample data, pre-train (also under `torchrun`), probe, extract features, draw them, and the end-to-end demo.
 - `msm.data`: Scene files in, validated scene dicts out: the formats people store scans in, data sets over a split folder, and synthetic labelled rooms that are hard enough to show what pre-training learns.
+- `msm.demo`: Pre-train the `tiny` HUNet with masked scene modeling on the sample rooms, probe it against a randomly initialised twin, and write a report with the table, the loss curve, PCA pictures and an interactive 3D view.
+- `msm.hunet`: The hybrid sparse-convolution / attention U-Net of Masked Scene Modeling: blocks, the encoder-decoder, presets, the masked forward used by pre-training, and loading of the official weights.
+- `msm.masking`: Patch masks drawn per scene on the finest voxels and carried consistently to every level of the U-Net, the per-voxel alternative, and the mask-ratio schedule.
+- `msm.objective`: The masked scene modeling loss: two views of a scene, a student that sees one of them masked, an EMA teacher that sees the other whole, and a per-level feature loss on the masked voxels, matched through shared points.
+- `msm.pretrain`: The training loop of masked scene modeling: presets, optimiser and schedules, mixed precision, DistributedDataParallel under `torchrun`, atomic checkpoints, exact resume, and logs.
+- `msm.probe`: The evaluation protocol: features of a frozen backbone sampled at every original point from all decoder levels, a linear probe and a nearest-neighbour probe trained on them, and the segmentation metrics.
 - `msm.rooms`: Furnished rooms scanned by virtual scanners, labelled with ScanNet's 20 classes: the data every notebook, test and the demo run on, with no download, made hard enough to show what pre-training learns.
+- `msm.serialize`: Space-filling curves (z-order and Hilbert, on xyz and yxz) that put the voxels of a scene in a line, and sliding-window multi-head attention along that line, with memory linear in the number of voxels.
 - `msm.sparse`: A pure-PyTorch sparse 3D convolution engine: the `SparseTensor` container, coordinate hashing, kernel maps, submanifold / strided / transposed convolutions with a memory-lean autograd function, and sparse norms.
 - `msm.transforms`: Augmentations of a scene dict, sphere crops, and the two independently augmented views of a scene that pre-training compares, each remembering which original point every one of its points came from.
+- `msm.viz`: Colour every point by the first principal components of its features, draw scenes as static panels (matplotlib) and as interactive 3D views (plotly), and show masks across levels.
 - `msm.voxelize`: Grid sampling of a point cloud (one kept point per occupied voxel, random in training), the map from every original point to its voxel, the 6 input channels, and the collation of several scenes into one sparse batch."""
 
 __version__ = "0.1.0"
