@@ -8,7 +8,9 @@ forward + backward in train mode (drop path and attention dropout on) with the l
 Every run builds a fresh SparseTensor, so kernel maps are built each time (as in training, where every batch is
 new). Times are medians of `--repeats` runs after one warm-up. Peak memory: on CUDA `torch.cuda.max_memory_allocated`;
 on CPU the growth of the process's peak resident set (VmHWM, reset before each measurement through
-/proc/self/clear_refs, after `malloc_trim` has returned freed heap pages) above the resident set before the run.
+/proc/self/clear_refs, after `malloc_trim` has returned freed heap pages) above the resident set before the run;
+that figure depends on the allocator, so `act MiB` also reports the activations autograd saves for the backward
+pass of one training forward (distinct storages), which does not.
 
     python benchmarks/bench_hunet.py [--points 50000 100000 200000] [--presets tiny ablation] [--repeats 3]
                                      [--warmup 1] [--threads 2] [--device cpu|cuda|all] [--checkpoint]
@@ -92,6 +94,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def saved_activations(net, feats, coords) -> float:
+    "MiB of the distinct tensors autograd saves for the backward pass of one training forward (allocator-independent)."
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    net.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(SparseTensor(feats, coords))
+    del out
+    return sum(seen.values()) / 2**20
+
+
 def measure(net, feats, coords, repeats, warmup=1):
     "Median forward / forward+backward seconds and peak MiB (a fresh SparseTensor each run: kernel maps included)."
     device = feats.device
@@ -108,7 +125,7 @@ def measure(net, feats, coords, repeats, warmup=1):
         del out
         net.zero_grad(set_to_none=True)
 
-    res = {}
+    res = {"act_mib": saved_activations(net, feats, coords)}
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         for _ in range(warmup):
             fn()
@@ -142,7 +159,7 @@ def main():
     summary, rows = {"threads": a.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "checkpoint": a.checkpoint}, []
     print(f"{'device':6s} {'preset':9s} {'points':>8s} {'voxels':>8s} {'fwd s':>8s} {'fwd MiB':>8s} "
-          f"{'f+b s':>8s} {'f+b MiB':>8s}")
+          f"{'f+b s':>8s} {'f+b MiB':>8s} {'act MiB':>8s}")
     for dev_name in devices:
         device = torch.device(dev_name)
         for preset in a.presets:
@@ -159,20 +176,21 @@ def main():
                 per[n] = r
                 rows.append((dev_name, preset, n, r))
                 print(f"{dev_name:6s} {preset:9s} {n:8d} {len(gc):8d} {r['fwd_s']:8.2f} {r['fwd_mib']:8.0f} "
-                      f"{r['fwd_bwd_s']:8.2f} {r['fwd_bwd_mib']:8.0f}", flush=True)
+                      f"{r['fwd_bwd_s']:8.2f} {r['fwd_bwd_mib']:8.0f} {r['act_mib']:8.0f}", flush=True)
             lo, hi = min(per), max(per)
             key = f"{dev_name}_{preset}"
             for n, r in per.items():
-                for m in ("fwd_s", "fwd_bwd_s", "fwd_bwd_mib"):
+                for m in ("fwd_s", "fwd_bwd_s", "fwd_bwd_mib", "act_mib"):
                     summary[f"{key}_{n // 1000}k_{m}"] = round(r[m], 3)
             vr = per[hi]["voxels"] / per[lo]["voxels"]
-            for m in ("fwd_s", "fwd_bwd_s", "fwd_mib", "fwd_bwd_mib"):
+            for m in ("fwd_s", "fwd_bwd_s", "fwd_mib", "fwd_bwd_mib", "act_mib"):
                 ratio = per[hi][m] / max(per[lo][m], 1e-9)
                 summary[f"{key}_{m}_ratio"] = round(ratio, 2)
                 summary[f"{key}_{m}_per_voxel_ratio"] = round(ratio / vr, 2)
             summary[f"{key}_voxel_ratio"] = round(vr, 2)
             print(f"  {key}: {hi // 1000}k / {lo // 1000}k points -> voxels x{vr:.2f}, "
-                  + ", ".join(f"{m} x{summary[f'{key}_{m}_ratio']:.2f}" for m in ("fwd_s", "fwd_bwd_s", "fwd_mib", "fwd_bwd_mib")),
+                  + ", ".join(f"{m} x{summary[f'{key}_{m}_ratio']:.2f}"
+                              for m in ("fwd_s", "fwd_bwd_s", "fwd_mib", "fwd_bwd_mib", "act_mib")),
                   flush=True)
             del net
     print(json.dumps(summary))
