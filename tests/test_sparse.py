@@ -281,6 +281,9 @@ def test_droppath_and_rmsnorm():
     n = RMSNorm(3)
     f = torch.full((2, 3), 1e-5)
     torch.testing.assert_close(n(f), f / (1e-5 + 1e-4))  # eps outside the root
+    z = torch.zeros(2, 3, requires_grad=True)  # an all-zero row (e.g. an empty mask token) must not give NaN gradients
+    n(z).sum().backward()
+    assert torch.isfinite(z.grad).all()
 
 
 # --- peers -------------------------------------------------------------------------------------------------------
