@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import types
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,25 +155,40 @@ def num_threads() -> int:
     return torch.get_num_threads()
 
 # %% ../nbs/00_core.ipynb #4f9925d7
+def _from_plain(hint, v, source: str):
+    "`v`, read from a saved dict, as the annotation `hint` wants: a nested `ConfigBase` from a dict, a tuple from a list."
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for t in options:
+        if isinstance(v, dict) and isinstance(t, type) and issubclass(t, ConfigBase):
+            return t.from_dict(v, source)
+        if isinstance(v, list) and (t is tuple or typing.get_origin(t) is tuple):
+            return tuple(v)
+    return v
+
+
 @dataclass
 class ConfigBase:
     "Mixin for dataclass configs: `to_dict()` for checkpoints and `from_dict()` that rejects unknown keys clearly."
 
     def to_dict(self) -> dict:
-        "A plain, picklable dict of the fields (tuples kept as lists for JSON)."
+        "A plain, picklable dict of the fields (nested configs as dicts, tuples kept as lists for JSON)."
         from dataclasses import asdict
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        return {k: (getattr(self, k).to_dict() if isinstance(getattr(self, k), ConfigBase)
+                    else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config"):
-        "Rebuild from `to_dict()` output; unknown keys raise `MSMError`, list values become tuples where the default is a tuple."
+        "Rebuild from `to_dict()` output; unknown keys (also in nested configs) raise `MSMError` naming `source`."
         from dataclasses import fields
         names = {f.name: f for f in fields(cls)}
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise MSMError(f"{source}: unknown {cls.__name__} field(s) {unknown}")
+        hints = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__ import annotations`
         kw = {}
         for k, v in d.items():
-            default = names[k].default
-            kw[k] = tuple(v) if isinstance(v, list) and isinstance(default, tuple) else v
+            if isinstance(v, list) and isinstance(names[k].default, tuple):
+                kw[k] = tuple(v)
+            else:
+                kw[k] = _from_plain(hints[k], v, f"{source} [{k}]")
         return cls(**kw)

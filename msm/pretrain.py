@@ -93,25 +93,8 @@ class PretrainConfig(ConfigBase):
         return makers[name]()
 
     def to_dict(self) -> dict:
-        "Plain nested dict (sub-configs as dicts, tuples as lists): goes into every checkpoint."
-        return json.loads(json.dumps({f.name: (getattr(self, f.name).to_dict() if f.name in _NESTED
-                                              else getattr(self, f.name)) for f in fields(self)}))
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> PretrainConfig:
-        "Rebuild from `to_dict()`; unknown keys raise `MSMError` naming `source`."
-        names = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise MSMError(f"{source}: unknown {cls.__name__} field(s) {unknown}")
-        kw = {}
-        for k, v in d.items():
-            if k in _NESTED and isinstance(v, dict):
-                v = _NESTED[k].from_dict(v, source=f"{source} [{k}]")
-            elif isinstance(v, list) and isinstance(names[k].default, tuple):
-                v = tuple(v)
-            kw[k] = v
-        return cls(**kw)
+        "Plain nested dict, through JSON (sub-configs as dicts, every tuple as a list): goes into every checkpoint."
+        return json.loads(json.dumps(super().to_dict()))
 
     def replace(self, **kw) -> PretrainConfig:
         "A copy with fields replaced; dotted names reach into sub-configs (`**{'model.drop_path': 0.0}`)."
