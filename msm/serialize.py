@@ -157,6 +157,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: t
     if block is None:  # queries per block: (H, block, block + window) scores of about 4M (CPU) / 64M (GPU) floats
         budget = 2**22 if q.device.type == "cpu" else 2**26
         block = max(16, int((-window + math.sqrt(window**2 + 4 * budget / H)) / 2))
+        if q.device.type == "cpu":  # CPU work is block x (block + window) per block: blocks of 2 windows (measured)
+            block = min(block, max(64, 2 * window))
     if recompute is None:  # where SDPA falls back to its math kernel, it keeps every block's probabilities
         recompute = (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
                      and (dropout_p > 0 or q.device.type != "cpu"))
