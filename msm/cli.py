@@ -25,19 +25,10 @@ __all__ = ['load_backbone', 'build_parser', 'main']
 # %% ../nbs/13_cli.ipynb #a4393487
 def load_backbone(path: str | os.PathLike, device: str | None = None):
     "A frozen-ready HUNet from an `msm pretrain` checkpoint or the official released weights (file `path`)."
+    from msm.hunet import OFFICIAL_PREFIX, HUNet, HUNetConfig, _read_checkpoint, _state_dict_of, load_official
     path = Path(path)
-    if not path.is_file():
-        raise MSMError(f"{path}: checkpoint file not found")
-    import torch
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MSMError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict):
-        raise MSMError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    state = ckpt.get("state_dict", ckpt.get("model", ckpt))
-    from msm.hunet import HUNet, HUNetConfig, load_official
-    if isinstance(state, dict) and any(str(k).startswith("module.student.") for k in state):
+    ckpt = _read_checkpoint(path)  # MSMError naming the file when it is missing, unreadable or not a dict
+    if any(str(k).startswith(OFFICIAL_PREFIX) for k in _state_dict_of(ckpt, weights_only=True)):
         model = load_official(ckpt)
     elif "config" in ckpt and "model" in ckpt:
         cfg = ckpt["config"]

@@ -402,15 +402,24 @@ def _to_spconv(k: torch.Tensor, kind: str | None) -> torch.Tensor:
     return (w.permute(4, 2, 1, 0, 3) if kind == "odd" else w.permute(4, 0, 1, 2, 3)).contiguous()
 
 
+def _read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict:
+    "The dict saved in checkpoint file `path`, on the CPU; `MSMError` naming the file when it is missing, unreadable or no dict."
+    if not os.path.isfile(path):
+        raise MSMError(f"{path}: checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:
+        why = str(e).partition("\n")[0][:200]
+        raise MSMError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from None
+    if not isinstance(ckpt, dict):
+        raise MSMError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    return ckpt
+
+
 def _state_dict_of(src, weights_only: bool) -> dict:
     "A bare state dict from a path or a dict (ckpt['state_dict'], ckpt['model'] or the dict itself)."
     if isinstance(src, (str, os.PathLike)):
-        if not os.path.isfile(src):
-            raise MSMError(f"{src}: checkpoint file not found")
-        try:
-            src = torch.load(src, map_location="cpu", weights_only=weights_only)
-        except Exception as e:
-            raise MSMError(f"{src}: cannot be read as a torch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        src = _read_checkpoint(src, weights_only)
     if not isinstance(src, dict):
         raise MSMError(f"expected a checkpoint dict or a path, got {type(src).__name__}")
     for key in ("state_dict", "model"):

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .core import ConfigBase, MSMError, seed_everything
 from .data import SceneDataset
-from .hunet import HUNetConfig
+from .hunet import HUNetConfig, _read_checkpoint
 from .masking import MaskConfig
 from .objective import MaskedSceneModel, ObjectiveConfig, PairSampler, collate_pairs, ema_momentum
 from .transforms import default_pretrain_transform
@@ -272,11 +272,8 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MSMError(f"{path}: no checkpoint to resume from")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MSMError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    missing = [k for k in ("model", "optimizer", "step", "config", "method") if not (isinstance(ckpt, dict) and k in ckpt)]
+    ckpt = _read_checkpoint(path)
+    missing = [k for k in ("model", "optimizer", "step", "config", "method") if k not in ckpt]
     if missing:
         raise MSMError(f"{path}: not an `msm pretrain` checkpoint (missing {', '.join(missing)})")
     return ckpt

@@ -55,7 +55,7 @@ def test_load_official_errors(tmp_path):
     with pytest.raises(MSMError, match="not found"):
         load_official(tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(MSMError, match="cannot be read"):
+    with pytest.raises(MSMError, match="junk.pth: not a readable PyTorch checkpoint"):
         load_official(tmp_path / "junk.pth")
     bad = dict(sd)
     bad["module.student.up.0.1.weight"] = torch.zeros(256, 2, 2, 2, 385)

@@ -140,7 +140,7 @@ def test_bad_input(root, straight, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "checkpoint.pt").write_text("not a checkpoint")
-    with pytest.raises(MSMError, match="not a readable checkpoint"):
+    with pytest.raises(MSMError, match="checkpoint.pt: not a readable PyTorch checkpoint"):
         pretrain(small(), root, bad, max_steps=1, progress=False, resume=True)
 
 
