@@ -10,7 +10,7 @@ Docs: https://github.com/msm-devs/msm/baselines.html.md"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .core import ConfigBase, MSMError
 from .hunet import HUNet, HUNetConfig
 from .masking import MaskConfig
-from .objective import feature_loss, match_views, normalise_targets
+from .objective import EMATeacher, feature_loss, match_views, normalise_targets
 from .pretrain import PretrainConfig, PretrainMethod  # msm.pretrain imports this module lazily: no cycle
 from .sparse import SparseTensor, lookup
 from .transforms import SphereCrop, Transform, default_pretrain_transform, two_views
@@ -415,32 +415,15 @@ class MaskedContrast(_MaskedStudent):
                 "voxels_pairs": len(ra)}
 
 # %% ../nbs/12_baselines.ipynb #6b66c9d4
-class MaskedTokenPrediction(_MaskedStudent):
+class MaskedTokenPrediction(EMATeacher, _MaskedStudent):
     "Student (region-masked view) vs EMA teacher (same view, whole): pooled-region MLP term + balanced masked-token term."
 
     def __init__(self, model_config: HUNetConfig, config: BaselineConfig | None = None, insertion: str = "bottom_up"):
         super().__init__(model_config, config, insertion)
-        self.teacher = HUNet(replace(model_config, drop_path=0.0, att_drop=0.0))
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        self.init_teacher(model_config)  # the EMA teacher of msm.objective: eval mode, no dropout
         c = self.width
         self.region_mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
         self.token_head = nn.Linear(c, c) if self.config.token_head == "linear" else nn.Identity()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.train(False)  # the teacher is always in eval mode
-        return self
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        "EMA step: teacher <- momentum * teacher + (1 - momentum) * student (parameters; buffers copied)."
-        t, s = list(self.teacher.parameters()), [p.detach() for p in self.student.parameters()]
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
-        for bt, bs in zip(self.teacher.buffers(), self.student.buffers()):
-            bt.copy_(bs)
 
     def forward(self, batch: dict) -> dict:
         o, n, view = self.config, int(batch["n_items"]), batch["views"][0]

@@ -25,7 +25,7 @@ from .voxelize import voxelize_scene
 
 # %% auto #0
 __all__ = ['match_views', 'ObjectiveConfig', 'ema_momentum', 'normalise_targets', 'feature_loss', 'PairSampler', 'collate_pairs',
-           'MaskedSceneModel']
+           'EMATeacher', 'MaskedSceneModel']
 
 # %% ../nbs/08_objective.ipynb #3b3b31fc
 def _level_ids(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +177,33 @@ def collate_pairs(samples: list) -> dict:
             "pair_weights": [torch.cat([it["pairs"][lv][2] for it in items]) for lv in range(n_levels)],  # (K_l,)
             "n_items": len(items), "n_points": sum(it["n_points"] for it in items)}
 
+# %% ../nbs/08_objective.ipynb #43fe874b
+class EMATeacher:
+    "Mixin for a module with a `student` HUNet: its frozen EMA copy `teacher`, kept in eval mode, and the EMA step."
+
+    def init_teacher(self, model_config: HUNetConfig, dropout: bool = False) -> None:
+        "Build `self.teacher` with the student's weights, no gradient, drop path and attention dropout off unless `dropout`."
+        self.teacher = HUNet(model_config if dropout else replace(model_config, drop_path=0.0, att_drop=0.0))
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+    def train(self, mode: bool = True):
+        "`nn.Module.train`, then the teacher back to eval mode."
+        super().train(mode)
+        self.teacher.train(False)  # the teacher is always in eval mode
+        return self
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        "EMA step: teacher <- momentum * teacher + (1 - momentum) * student (parameters; buffers copied)."
+        t = list(self.teacher.parameters())
+        s = [p.detach() for p in self.student.parameters()]
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+        for bt, bs in zip(self.teacher.buffers(), self.student.buffers()):
+            bt.copy_(bs)
+
 # %% ../nbs/08_objective.ipynb #fa159334
 def _head(channels: int, kind: str) -> nn.Module:
     "Predictor head of one level: Linear, Linear-GELU-Linear (hidden 2C) or identity."
@@ -196,18 +223,14 @@ def _rows(query: torch.Tensor, table: torch.Tensor, what: str) -> torch.Tensor:
     return rows
 
 
-class MaskedSceneModel(nn.Module):
+class MaskedSceneModel(EMATeacher, nn.Module):
     "Student HUNet + EMA teacher + per-level mask tokens and predictor heads; `forward(batch)` -> dict of losses."
 
     def __init__(self, model_config: HUNetConfig, config: ObjectiveConfig | None = None):
         super().__init__()
         self.config = (config or ObjectiveConfig()).check()
         self.student = HUNet(model_config)
-        tcfg = model_config if self.config.teacher_dropout else replace(model_config, drop_path=0.0, att_drop=0.0)
-        self.teacher = HUNet(tcfg)
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        self.init_teacher(model_config, dropout=self.config.teacher_dropout)
         channels = self.student.level_channels  # decoder output channels, finest first
         self.mask_tokens = nn.ParameterList([nn.Parameter(torch.empty(c)) for c in self.student.token_channels])
         for tok in self.mask_tokens:
@@ -225,21 +248,6 @@ class MaskedSceneModel(nn.Module):
     def loss_levels(self) -> list[int]:
         "Levels that enter the loss (finest = 0)."
         return [0] if self.config.loss_levels == "last" else list(range(self.n_levels))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.train(False)  # the teacher is always in eval mode
-        return self
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        "EMA step: teacher <- momentum * teacher + (1 - momentum) * student (parameters; buffers copied)."
-        t = [p for p in self.teacher.parameters()]
-        s = [p.detach() for p in self.student.parameters()]
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
-        for bt, bs in zip(self.teacher.buffers(), self.student.buffers()):
-            bt.copy_(bs)
 
     def forward(self, batch: dict) -> dict:
         cfg, n_items = self.config, int(batch["n_items"])
