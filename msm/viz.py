@@ -240,6 +240,16 @@ def _new_figure(w: float, h: float, dpi: int):
     return fig
 
 
+def _figure_or_file(fig, out, dpi: int):
+    "The Figure itself when `out` is None, else the Path `out` after writing the figure there as a PNG (folders made)."
+    if out is None:
+        return fig
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
 def plot_panels(coord, colors: dict, views=("top", "oblique"), out=None, dpi: int = 80, panel_size: float = 3.2,
                 max_points: int | None = 60_000, point_size: float | None = None, seed: int = 0,
                 title: str | None = None):
@@ -260,12 +270,7 @@ def plot_panels(coord, colors: dict, views=("top", "oblique"), out=None, dpi: in
     for i, view in enumerate(views):
         for j, rgb in enumerate(cols.values()):
             _draw(axs[i, j], c[idx], rgb[idx], view, point_size)
-    if out is None:
-        return fig
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return _figure_or_file(fig, out, dpi)
 
 # %% ../nbs/11_viz.ipynb #433ef7f8
 def mask_colors(colors, mask, masked=(0.85, 0.12, 0.12), mix: float = 0.75) -> np.ndarray:
@@ -303,12 +308,7 @@ def plot_mask_levels(coords, colors, mask, n_levels: int, voxel_size: float = 1.
             col = torch.zeros(len(c_l), 3).index_add_(0, inv, rgb[sel]) / torch.bincount(inv).unsqueeze(1)  # (M_l, 3)
         xyz = (c_l[:, 1:].double() + 0.5) * 2**level * voxel_size  # voxel centres
         _draw(ax, xyz.numpy(), mask_colors(col, m_l), view, None, edge=2**level * voxel_size)
-    if out is None:
-        return fig
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return _figure_or_file(fig, out, dpi)
 
 # %% ../nbs/11_viz.ipynb #548c69f1
 def _hex(rgb: np.ndarray) -> list[str]:
