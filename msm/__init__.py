@@ -7,6 +7,7 @@ Modules:
 - `msm.data`: Scene files in, validated scene dicts out: the formats people store scans in, data sets over a split folder, and synthetic labelled rooms that are hard enough to show what pre-training learns.
 - `msm.demo`: Pre-train the `tiny` HUNet with masked scene modeling on the sample rooms, probe it against a randomly initialised twin, and write a report with the table, the loss curve, PCA pictures and an interactive 3D view.
 - `msm.hunet`: The hybrid sparse-convolution / attention U-Net of Masked Scene Modeling: blocks, the encoder-decoder, presets, the masked forward used by pre-training, and loading of the official weights.
+- `msm.learning`: A supervised HUNet trained end to end (the ceiling of any frozen-feature probe), and the benchmark that puts random init, masked scene modeling, its Table 10 ablations and the neighbouring methods side by side under one probe.
 - `msm.masking`: Patch masks drawn per scene on the finest voxels and carried consistently to every level of the U-Net, the per-voxel alternative, and the mask-ratio schedule.
 - `msm.objective`: The masked scene modeling loss: two views of a scene, a student that sees one of them masked, an EMA teacher that sees the other whole, and a per-level feature loss on the masked voxels, matched through shared points.
 - `msm.pretrain`: The training loop of masked scene modeling: presets, optimiser and schedules, mixed precision, DistributedDataParallel under `torchrun`, atomic checkpoints, exact resume, and logs.

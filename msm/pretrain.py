@@ -8,6 +8,7 @@ Docs: https://github.com/msm-devs/msm/pretrain.html.md"""
 # %% ../nbs/09_pretrain.ipynb #895dd260
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -171,15 +172,15 @@ MSM = PretrainMethod("msm", lambda config: MaskedSceneModel(config.model, config
 
 
 def get_method(method) -> PretrainMethod:
-    "The `PretrainMethod` named `method` ('msm' or a name in `msm.baselines.METHODS`), or `method` itself."
+    "The `PretrainMethod` named `method` ('msm', 'supervised' or a name in `msm.baselines.METHODS`), or `method` itself."
     if isinstance(method, PretrainMethod):
         return method
     known = {"msm": MSM}
-    try:
-        from msm.baselines import METHODS as baselines  # defined by the baselines notebook, when present
-        known.update(baselines)
-    except ImportError:
-        pass
+    for module in ("msm.baselines", "msm.learning"):  # later notebooks register methods there (imported lazily)
+        try:
+            known.update(importlib.import_module(module).METHODS)
+        except ImportError:
+            pass
     if method not in known:
         raise MSMError(f"unknown pre-training method '{method}' (choose from {', '.join(known)})")
     return known[method]
