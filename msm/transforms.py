@@ -165,61 +165,60 @@ class RandomJitter(Transform):
         return dict(scene, coord=(scene["coord"] + noise).astype(np.float32))
 
 # %% ../nbs/02_transforms.ipynb #3005fdb6
-def _set_color(scene: dict, color: np.ndarray) -> dict:
-    return dict(scene, color=np.clip(color, 0, 255).astype(np.float32))
+class _ColorTransform(Transform):
+    "Base of the colour transforms: with probability `p`, the colours `recolor` returns, clipped to 0..255 (float32)."
+
+    def apply(self, scene, rng):
+        if "color" not in scene or rng.random() >= self.p:  # scenes without colour pass unchanged
+            return scene
+        return dict(scene, color=np.clip(self.recolor(scene["color"], rng), 0, 255).astype(np.float32))
+
+    def recolor(self, color: np.ndarray, rng: np.random.Generator) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 @dataclass
-class ChromaticAutoContrast(Transform):
+class ChromaticAutoContrast(_ColorTransform):
     "With probability `p`, blend colours with their contrast-stretched version (blend factor uniform in 0..1 unless given)."
     p: float = 0.2
     blend_factor: float | None = None
 
-    def apply(self, scene, rng):
-        if "color" not in scene or rng.random() >= self.p:
-            return scene
-        c = scene["color"].astype(np.float64)
+    def recolor(self, color, rng):
+        c = color.astype(np.float64)
         lo, hi = c.min(0, keepdims=True), c.max(0, keepdims=True)
         stretched = (c - lo) * (255.0 / np.maximum(hi - lo, 1e-6))
         b = rng.random() if self.blend_factor is None else self.blend_factor
-        return _set_color(scene, (1 - b) * c + b * stretched)
+        return (1 - b) * c + b * stretched
 
 
 @dataclass
-class ChromaticTranslation(Transform):
+class ChromaticTranslation(_ColorTransform):
     "With probability `p`, add one random RGB offset in +-`ratio` * 255 to every point."
     p: float = 0.95
     ratio: float = 0.05
 
-    def apply(self, scene, rng):
-        if "color" not in scene or rng.random() >= self.p:
-            return scene
-        shift = (rng.random((1, 3)) - 0.5) * 2 * 255 * self.ratio
-        return _set_color(scene, scene["color"] + shift)
+    def recolor(self, color, rng):
+        return color + (rng.random((1, 3)) - 0.5) * 2 * 255 * self.ratio
 
 
 @dataclass
-class ChromaticJitter(Transform):
+class ChromaticJitter(_ColorTransform):
     "With probability `p`, add per-point Gaussian colour noise of std `std` * 255."
     p: float = 0.95
     std: float = 0.05
 
-    def apply(self, scene, rng):
-        if "color" not in scene or rng.random() >= self.p:
-            return scene
-        return _set_color(scene, scene["color"] + rng.standard_normal(scene["color"].shape) * self.std * 255)
+    def recolor(self, color, rng):
+        return color + rng.standard_normal(color.shape) * self.std * 255
 
 
 @dataclass
-class RandomDropColor(Transform):
+class RandomDropColor(_ColorTransform):
     "With probability `p`, set every colour to `value` (mid grey by default: input feature 0)."
     p: float = 0.2
     value: float = 127.5
 
-    def apply(self, scene, rng):
-        if "color" not in scene or rng.random() >= self.p:
-            return scene
-        return _set_color(scene, np.full_like(scene["color"], self.value))
+    def recolor(self, color, rng):
+        return np.full_like(color, self.value)
 
 # %% ../nbs/02_transforms.ipynb #0a73fae1
 @dataclass
