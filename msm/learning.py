@@ -132,18 +132,18 @@ class BenchConfig(ConfigBase):
     preset: str = "tiny"  # PretrainConfig preset of every row
     steps: int = 600  # pre-training steps of every trained row
     overrides: dict = field(default_factory=dict)  # dotted PretrainConfig fields changed for every row
-    # data: generated synthetic rooms (see `bench_rooms`)
-    n_train: int = 16  # labelled rooms: pre-training (labels unused) and probe training
-    n_val: int = 8  # rooms the probes are measured on (all points)
-    n_points: int = 40_000  # points per room
-    data_seed: int = 1  # different rooms from data_samples (seed 0)
+    # data: generated synthetic rooms (see `bench_rooms`); the defaults are the recipe of data_samples/
+    n_train: int = 8  # labelled rooms: pre-training (labels unused) and probe training
+    n_val: int = 4  # rooms the probes are measured on (all points)
+    n_points: int = 15_000  # points per room
+    data_seed: int = 0
     # probes
     probe_epochs: int = 40
     knn_k: int = 20
     knn_max_per_class: int = 1000
 
 # %% ../nbs/14_learning.ipynb #e315ac3e
-def bench_rooms(root, n_train: int = 16, n_val: int = 8, n_points: int = 40_000, seed: int = 1,
+def bench_rooms(root, n_train: int = 8, n_val: int = 4, n_points: int = 15_000, seed: int = 0,
                 feat2d_dim: int = 16, verbose: bool = False) -> Path:
     "Generate (once) the benchmark's synthetic rooms under `root` (Pointcept layout + feat2d.npy); returns `root`."
     from msm.baselines import fake_feat2d

@@ -67,10 +67,10 @@ _CHOICES = {"target_norm": ("layer", "batch", "none"), "loss": ("l2", "smooth_l1
 @dataclass
 class ObjectiveConfig(ConfigBase):
     "Choices of the masked scene modeling loss (each an ASSUMPTION of this project unless the paper states it)."
-    target_norm: str = "layer"  # "layer" | "batch" | "none": normalisation of the teacher features
+    target_norm: str = "batch"  # "batch" | "layer" | "none": normalisation of the teacher features
     loss: str = "l2"  # "l2" | "smooth_l1" | "cosine"
     smooth_l1_beta: float = 1.0  # beta of "smooth_l1", in units of the normalised target
-    predictor: str = "linear"  # "linear" | "mlp" | "none": per-level head on the student features
+    predictor: str = "mlp"  # "mlp" | "linear" | "none": per-level head on the student features
     loss_levels: str = "all"  # "all" | "last" (only the finest decoder level; Table 10 ablation)
     level_weights: tuple | None = None  # weight of each level in the sum, finest first (None = all 1)
     mask_insertion: str = "bottom_up"  # "bottom_up" | "top_down" (Table 10 ablation)

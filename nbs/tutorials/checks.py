@@ -249,12 +249,12 @@ def l2_per_voxel(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - target) ** 2).mean(1)
 
 
-def loss_case(loss: str = "l2", seed: int = 0, crops=(3000, 1500)) -> dict:
+def loss_case(loss: str = "l2", seed: int = 0, crops=(3000, 1500), target_norm: str = "layer") -> dict:
     """A MaskedSceneModel (tiny) on a batch of crops of two sample rooms (of unequal sizes, so that a per-scene mean
     differs from a mean over the batch), its loss dict, and every level's raw material: `pred` (the student level
     after its head), `masked`, `teacher`, the pairs and weights."""
     torch.manual_seed(seed)
-    model = MaskedSceneModel(HUNetConfig.tiny(), ObjectiveConfig(loss=loss)).eval()
+    model = MaskedSceneModel(HUNetConfig.tiny(), ObjectiveConfig(loss=loss, target_norm=target_norm)).eval()
     items = []
     for i, (room, crop) in enumerate(zip(_sample_rooms(), crops)):
         sampler = PairSampler(default_pretrain_transform(crop_points=crop), 0.04, model.n_levels,
