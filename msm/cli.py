@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=None, help="number of optimiser steps")
     t.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: preset's)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--method", default="msm", help="pre-training objective (default: msm)")
+    t.add_argument("--method", default="msm", help="pre-training objective: msm (default), supervised (the ceiling), "
+                   "input_recon, contrast, mtp, distill2d (baselines)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: preset's)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
