@@ -46,6 +46,7 @@ def main(argv=None):
     p.add_argument("--n-val", type=int, default=d.n_val)
     p.add_argument("--points", type=int, default=d.n_points)
     p.add_argument("--probe-epochs", type=int, default=d.probe_epochs)
+    p.add_argument("--table-only", action="store_true", help="print the table of the runs cached under --out, run nothing")
     a = p.parse_args(argv)
     rows = tuple(ROWS) if a.rows == "all" else tuple(r.strip() for r in a.rows.split(",") if r.strip())
     overrides = {}
@@ -55,6 +56,12 @@ def main(argv=None):
     cfg = BenchConfig(rows=rows, seeds=tuple(int(s) for s in a.seeds.split(",")), steps=a.steps, overrides=overrides,
                       n_train=a.n_train, n_val=a.n_val, n_points=a.points, probe_epochs=a.probe_epochs)
     out = Path(a.out)
+    if a.table_only:
+        results = [json.loads(f.read_text()) for k in ROWS for f in sorted(out.glob(f"{k}/seed*/result.json"))]
+        if not results:
+            raise SystemExit(f"{out}: no cached results")
+        print(bench_table(results))
+        return
     data = bench_rooms(a.data or out / "rooms", cfg.n_train, cfg.n_val, cfg.n_points, cfg.data_seed)
     t0 = time.time()
     results = run_bench(data, out, cfg, jobs=a.jobs)

@@ -285,7 +285,7 @@ class ProbeConfig(ConfigBase):
     level_ids: tuple | None = None  # decoder levels to use, finest = 0 (None: all; Table 11 uses one at a time)
     fragments: int = 1  # 1: one deterministic voxelisation per scene; k > 1: mean over k test-mode fragments
     # linear probe (Table 15)
-    epochs: int = 40  # ASSUMPTION: paper 200 (ScanNet / ScanNet200), 100 (S3DIS); see ProbeConfig.paper()
+    epochs: int = 200  # paper: 200 (ScanNet / ScanNet200), 100 (S3DIS; `epochs=100, warmup_epochs=1`)
     warmup_epochs: float = 2.0  # linear warm-up (paper: 2 ScanNet, 1 S3DIS), then cosine to 0, per step
     lr: float = 0.01  # AdamW peak learning rate
     weight_decay: float = 0.01
