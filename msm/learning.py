@@ -120,7 +120,8 @@ ROWS = {
     "input_recon": BenchRow("input reconstruction", "input_recon", note="Point-MAE / MAE style"),
     "contrast": BenchRow("masked scene contrast", "contrast", note="MSC style"),
     "mtp": BenchRow("masked token prediction", "mtp", note="SAM-guided MTP stage 2, geometric regions"),
-    "distill2d": BenchRow("2D feature distillation", "distill2d", note="stand-in 2D features (`fake_feat2d`)"),
+    "distill2d": BenchRow("2D feature distillation", "distill2d", {"baseline": {"feat2d_dim": 16}},
+                          "stand-in 2D features (`fake_feat2d`, 16 channels as `bench_rooms` writes them)"),
 }
 
 
