@@ -87,10 +87,10 @@ def plot_loss_curve(metrics_file, out_png) -> Path:
 # %% ../nbs/11a_demo.ipynb #088281ff
 def _probe_all(model, data_root, out: Path, cfg: DemoConfig) -> dict:
     "Linear and kNN probe results of one frozen network."
-    from msm.probe import ProbeConfig, run_probe
+    from msm.probe import ProbeConfig, run_probes
     pc = ProbeConfig.from_dict({**ProbeConfig().to_dict(), "seed": cfg.seed, "epochs": cfg.probe_epochs,
                                 "knn_k": cfg.knn_k, "knn_max_per_class": cfg.knn_max_per_class})
-    return {mode: run_probe(model, data_root, mode=mode, out_dir=out / mode, config=pc) for mode in ("linear", "knn")}
+    return run_probes(model, data_root, ("linear", "knn"), out_dir=out, config=pc)  # one feature pass, out/<mode>/
 
 
 def _pictures(models: dict, scene_path: Path, out: Path, cfg: DemoConfig) -> tuple[Path, Path]:

@@ -176,7 +176,7 @@ def run_row(key: str, seed: int, data_root, out, config: BenchConfig | None = No
     "Pre-train (unless random) and probe one row with one seed; returns (and caches in out/key/seedS/result.json)."
     from msm.cli import load_backbone
     from msm.pretrain import pretrain
-    from msm.probe import ProbeConfig, run_probe
+    from msm.probe import ProbeConfig, run_probes
     config = config or BenchConfig()
     if key not in ROWS:
         raise MSMError(f"unknown benchmark row '{key}' (choose from {', '.join(ROWS)})")
@@ -199,8 +199,7 @@ def run_row(key: str, seed: int, data_root, out, config: BenchConfig | None = No
                             knn_max_per_class=config.knn_max_per_class, progress=progress)
     res = {"row": key, "label": row.label, "seed": seed, "method": row.method, "steps": 0 if row.method is None
            else config.steps, "overrides": {**config.overrides, **row.overrides}, "final_loss": loss}
-    for mode in ("linear", "knn"):
-        r = run_probe(model, data_root, mode=mode, config=probe_cfg)
+    for mode, r in run_probes(model, data_root, ("linear", "knn"), config=probe_cfg).items():
         res[mode] = {k: r[k] for k in ("miou", "macc", "oa", "per_class_iou")}
     res.update(pretrain_s=t1 - t0, probe_s=time.perf_counter() - t1, threads=torch.get_num_threads())
     result_file.parent.mkdir(parents=True, exist_ok=True)

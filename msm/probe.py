@@ -31,7 +31,7 @@ from .voxelize import collate, voxelize_scene
 # %% auto #0
 __all__ = ['level_position', 'VoxelIndex', 'corner_rows', 'sample_features', 'extract_point_features', 'confusion_matrix',
            'segmentation_metrics', 'plot_confusion', 'ProbeConfig', 'FeatureStore', 'fit_linear_probe', 'knn_bank',
-           'knn_predict', 'run_probe', 'write_point_features']
+           'knn_predict', 'run_probes', 'run_probe', 'write_point_features']
 
 # %% ../nbs/10_probe.ipynb #4915b58c
 _CORNERS = tuple((k >> 2 & 1, k >> 1 & 1, k & 1) for k in range(8))  # the 8 corner offsets, z varies fastest
@@ -522,20 +522,58 @@ def _fly_batches(model, paths, steps, cfg: ProbeConfig, n_classes, feat_kw):
                 yield (f[idx], y[idx]) if idx is not None else (f[:0], y[:0])
 
 
-def run_probe(model, data_root, mode: str = "linear", out_dir=None, config: ProbeConfig | None = None,
-              n_classes: int | None = None, class_names=None, train_split: str = "train", val_split: str = "val") -> dict:
-    """Linear or kNN probe of a frozen `model` on `data_root/train_split`, evaluated on all points of `val_split`.
+_MODES = ("linear", "knn")
 
-    Returns (and writes to out_dir/probe.json) miou, macc, oa (fractions), per_class_iou, confusion, config, timings."""
+
+def _fit_mode(mode: str, model, store: FeatureStore, counts: list, train_paths, n_classes: int, cfg: ProbeConfig,
+              feat_kw: dict, dev):
+    "The point classifier of one probe, fitted on the training features: features (N, C) -> predicted labels (N,)."
+    if mode == "linear":
+        mean, std = store.mean_std() if cfg.standardize else (None, None)
+        if cfg.on_the_fly:
+            steps = [math.ceil(c / cfg.batch_points) for c in counts]
+            spe, batches = sum(steps), _fly_batches(model, train_paths, steps, cfg, n_classes, feat_kw)
+        else:
+            spe = math.ceil(len(store) / cfg.batch_points)
+            batches = _store_batches(store, cfg.batch_points, cfg.seed)
+        head = fit_linear_probe(batches, cfg.epochs * spe, store.channels, n_classes, cfg, mean, std, dev, spe)
+        return lambda f: head(f).argmax(1)
+    bank, bank_y = knn_bank(store, n_classes, cfg.knn_max_per_class, cfg.seed)
+    bank, bank_y = bank.to(dev), bank_y.to(dev)
+    return lambda f: knn_predict(f, bank, bank_y, n_classes, cfg.knn_k, cfg.knn_temperature, cfg.knn_block)
+
+
+def _write_probe(res: dict, out_dir) -> None:
+    "probe.json and confusion.png of one probe result in `out_dir`."
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(res, indent=1))
+    fig = plot_confusion(res["confusion"], res["class_names"],
+                         title=f"{res['mode']} probe: mIoU {100 * (res['miou'] or 0):.1f}")
+    fig.savefig(out / "confusion.png", dpi=70, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig | None = None,
+               n_classes: int | None = None, class_names=None, train_split: str = "train",
+               val_split: str = "val") -> dict:
+    """Several probes (`modes`: 'linear', 'knn') of a frozen `model` that share one feature extraction.
+
+    The features of every training scene are extracted once for all modes, and those of every validation scene once.
+    Returns {mode: result} (each as `run_probe` returns it) and, with `out_dir`, writes out_dir/<mode>/probe.json
+    and confusion.png."""
     cfg = config or ProbeConfig()
-    if mode not in ("linear", "knn"):
-        raise MSMError(f"run_probe: mode must be 'linear' or 'knn', got {mode!r}")
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    bad = [m for m in modes if m not in _MODES]
+    if bad or not modes:
+        raise MSMError(f"run_probe: mode must be 'linear' or 'knn', got {bad[0] if bad else 'no mode'!r}")
     train_paths, val_paths = list_scenes(data_root, train_split), list_scenes(data_root, val_split)
     feat_kw = dict(voxel_size=cfg.voxel_size, levels=cfg.level_ids, method=cfg.method, align=cfg.align,
                    empty=cfg.empty, fragments=cfg.fragments, seed=cfg.seed)
-    dev, t = _model_device(model), {"start": time.perf_counter()}
-    fly = cfg.on_the_fly and mode == "linear"  # cache features, or only their statistics
-    store, counts, max_label = FeatureStore(cfg.cache_budget_gb * 1e9, cfg.cache_dir, keep=not fly), [], -1
+    dev, t0 = _model_device(model), time.perf_counter()
+    keep = not (cfg.on_the_fly and "knn" not in modes)  # on-the-fly linear alone needs only the statistics
+    store, counts, max_label = FeatureStore(cfg.cache_budget_gb * 1e9, cfg.cache_dir, keep=keep), [], -1
     try:
         for p in tqdm(train_paths, desc="train features", disable=not cfg.progress, leave=False):
             scene = load_scene(p, n_classes=n_classes)
@@ -546,50 +584,46 @@ def run_probe(model, data_root, mode: str = "linear", out_dir=None, config: Prob
         if sum(counts) == 0:
             raise MSMError(f"{Path(data_root) / train_split}: no labelled points (every label is -1)")
         n_classes, class_names = _class_setup(train_paths, n_classes, class_names, max_label)
-        t["features"] = time.perf_counter()
-        if mode == "linear":
-            mean, std = store.mean_std() if cfg.standardize else (None, None)
-            if fly:
-                steps = [math.ceil(c / cfg.batch_points) for c in counts]
-                spe, batches = sum(steps), _fly_batches(model, train_paths, steps, cfg, n_classes, feat_kw)
-            else:
-                spe = math.ceil(len(store) / cfg.batch_points)
-                batches = _store_batches(store, cfg.batch_points, cfg.seed)
-            head = fit_linear_probe(batches, cfg.epochs * spe, store.channels, n_classes, cfg, mean, std, dev, spe)
-
-            def predict(f):
-                return head(f).argmax(1)
-        else:
-            bank, bank_y = knn_bank(store, n_classes, cfg.knn_max_per_class, cfg.seed)
-            bank, bank_y = bank.to(dev), bank_y.to(dev)
-
-            def predict(f):
-                return knn_predict(f, bank, bank_y, n_classes, cfg.knn_k, cfg.knn_temperature, cfg.knn_block)
-        t["fit"] = time.perf_counter()
-        cm = torch.zeros(n_classes, n_classes, dtype=torch.long)
+        t_features, predictors, fit_s = time.perf_counter(), {}, {}
+        for mode in modes:
+            t = time.perf_counter()
+            predictors[mode] = _fit_mode(mode, model, store, counts, train_paths, n_classes, cfg, feat_kw, dev)
+            fit_s[mode] = time.perf_counter() - t
+        t_fit = time.perf_counter()
+        cms = {mode: torch.zeros(n_classes, n_classes, dtype=torch.long) for mode in modes}
         with torch.no_grad():
             for p in tqdm(val_paths, desc="evaluate", disable=not cfg.progress, leave=False):
                 scene = load_scene(p, n_classes=n_classes)
                 y = _labels(scene, p)
                 f = extract_point_features(model, scene, **feat_kw)  # (N, C) every original point
-                pred = torch.cat([predict(f[s:s + 262144]) for s in range(0, len(f), 262144)])
-                cm += confusion_matrix(pred, y, n_classes)
-        t["eval"] = time.perf_counter()
+                for mode, predict in predictors.items():
+                    pred = torch.cat([predict(f[s:s + 262144]) for s in range(0, len(f), 262144)])
+                    cms[mode] += confusion_matrix(pred, y, n_classes)
+        t_eval = time.perf_counter()
     finally:
         store.close()
-    res = {"mode": mode, **segmentation_metrics(cm, class_names), "n_classes": n_classes, "class_names": class_names,
-           "n_train_scenes": len(train_paths), "n_val_scenes": len(val_paths), "n_train_points": sum(counts),
-           "confusion": cm.tolist(), "config": cfg.to_dict(),
-           "timings": {"train_features_s": t["features"] - t["start"], "fit_s": t["fit"] - t["features"],
-                       "eval_s": t["eval"] - t["fit"], "total_s": t["eval"] - t["start"]}}
+    results = {}
+    for mode in modes:
+        res = {"mode": mode, **segmentation_metrics(cms[mode], class_names), "n_classes": n_classes,
+               "class_names": class_names, "n_train_scenes": len(train_paths), "n_val_scenes": len(val_paths),
+               "n_train_points": sum(counts), "confusion": cms[mode].tolist(), "config": cfg.to_dict(),
+               "timings": {"train_features_s": t_features - t0, "fit_s": fit_s[mode], "eval_s": t_eval - t_fit,
+                           "total_s": t_eval - t0, "shared_with": [m for m in modes if m != mode]}}
+        if out_dir is not None:
+            _write_probe(res, Path(out_dir) / mode)
+        results[mode] = res
+    return results
+
+
+def run_probe(model, data_root, mode: str = "linear", out_dir=None, config: ProbeConfig | None = None,
+              n_classes: int | None = None, class_names=None, train_split: str = "train", val_split: str = "val") -> dict:
+    """Linear or kNN probe of a frozen `model` on `data_root/train_split`, evaluated on all points of `val_split`.
+
+    Returns (and writes to out_dir/probe.json) miou, macc, oa (fractions), per_class_iou, confusion, config, timings.
+    For both probes of one network use `run_probes`: it extracts the features once."""
+    res = run_probes(model, data_root, (mode,), None, config, n_classes, class_names, train_split, val_split)[mode]
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "probe.json").write_text(json.dumps(res, indent=1))
-        fig = plot_confusion(cm, class_names, title=f"{mode} probe: mIoU {100 * (res['miou'] or 0):.1f}")
-        fig.savefig(out / "confusion.png", dpi=70, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-        plt.close(fig)
+        _write_probe(res, out_dir)
     return res
 
 

@@ -25,6 +25,7 @@ from msm.probe import (
     knn_bank,
     knn_predict,
     run_probe,
+    run_probes,
     sample_features,
     segmentation_metrics,
     write_point_features,
@@ -342,6 +343,23 @@ def test_run_probe_end_to_end(tiny_root, tiny_net, tmp_path, mode):
     assert (tmp_path / "confusion.png").exists()
     assert sum(map(sum, res["confusion"])) == res["n_points"] == 4000 - int((synthetic_room(2, n_points=4000)["segment"] < 0).sum())
     assert run_probe(tiny_net, tiny_root, mode=mode, config=cfg)["miou"] == res["miou"]  # reproducible
+
+
+def test_run_probes_share_one_feature_pass(tiny_root, tiny_net, tmp_path):
+    cfg = ProbeConfig(epochs=3, batch_points=4096, knn_max_per_class=500, progress=False)
+    both = run_probes(tiny_net, tiny_root, ("linear", "knn"), out_dir=tmp_path, config=cfg)
+    for mode in ("linear", "knn"):  # the same numbers as one run_probe per mode
+        alone = run_probe(tiny_net, tiny_root, mode=mode, config=cfg)
+        assert both[mode]["confusion"] == alone["confusion"] and both[mode]["mode"] == mode
+        assert json.loads((tmp_path / mode / "probe.json").read_text())["miou"] == alone["miou"]
+        assert (tmp_path / mode / "confusion.png").exists()
+    assert both["linear"]["timings"]["train_features_s"] == both["knn"]["timings"]["train_features_s"]
+    fly = ProbeConfig(**{**cfg.to_dict(), "on_the_fly": True, "crop_points": 3000})  # kNN still gets its cache
+    assert 0 < run_probes(tiny_net, tiny_root, ("linear", "knn"), config=fly)["knn"]["miou"] <= 1
+    with pytest.raises(MSMError, match="mode must be"):
+        run_probes(tiny_net, tiny_root, ("linear", "svm"), config=cfg)
+    with pytest.raises(MSMError, match="mode must be"):
+        run_probes(tiny_net, tiny_root, (), config=cfg)
 
 
 def test_run_probe_disk_cache_and_on_the_fly(tiny_root, tiny_net, tmp_path):
