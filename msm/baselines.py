@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .core import ConfigBase, MSMError
 from .hunet import HUNet, HUNetConfig
 from .masking import MaskConfig
-from .objective import EMATeacher, feature_loss, match_views, normalise_targets
+from .objective import EMATeacher, _batched, _items, feature_loss, match_views, normalise_targets
 from .pretrain import PretrainConfig, PretrainMethod  # msm.pretrain imports this module lazily: no cycle
 from .sparse import SparseTensor, lookup
 from .transforms import SphereCrop, Transform, default_pretrain_transform, two_views
@@ -284,16 +284,9 @@ class BaselineSampler:
         return {**scene, "region": region.numpy()}
 
 
-def _batched(parts: list[torch.Tensor]) -> torch.Tensor:
-    "Concatenate per-scene (M_b, 3) coords into (M, 4) int32 [b, x, y, z]."
-    return torch.cat([F.pad(c, (1, 0), value=b) for b, c in enumerate(parts)]).int()
-
-
 def collate_baselines(samples: list) -> dict:
     "Batch `BaselineSampler` outputs: per view coords (M, 4), feats, mask, targets; global region ids; pairs (K, 4)."
-    items = [it for s in samples for it in (s if isinstance(s, list) else [s])]
-    if not items:
-        raise MSMError("collate_baselines: empty batch")
+    items = _items(samples, "collate_baselines")
     views = []
     for k in range(len(items[0]["views"])):
         vs = [it["views"][k] for it in items]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .core import ConfigBase, MSMError, seed_everything
 from .hunet import HUNet, HUNetConfig
+from .objective import _batched, _items
 from .pretrain import PretrainConfig, PretrainMethod
 from .sparse import SparseTensor, lookup
 from .transforms import SphereCrop, Transform, default_pretrain_transform
@@ -53,10 +54,8 @@ class SupervisedSampler:
 
 def collate_supervised(samples: list) -> dict:
     "Batch `SupervisedSampler` outputs: coords (M, 4) int32 [b, x, y, z], feats (M, 6), segment (M,) int64."
-    items = [it for s in samples for it in (s if isinstance(s, list) else [s])]
-    if not items:
-        raise MSMError("collate_supervised: empty batch")
-    coords = torch.cat([F.pad(it["coords"], (1, 0), value=b) for b, it in enumerate(items)]).int()
+    items = _items(samples, "collate_supervised")
+    coords = _batched([it["coords"] for it in items])
     return {"coords": coords, "feats": torch.cat([it["feats"] for it in items]),
             "segment": torch.cat([it["segment"] for it in items]).long(), "n_items": len(items),
             "n_points": sum(it["n_points"] for it in items)}

@@ -155,15 +155,21 @@ class PairSampler:
 
 
 def _batched(parts: list[torch.Tensor]) -> torch.Tensor:
-    "Concatenate per-scene (M_b, 3) coords into (M, 4) int32 [b, x, y, z]."
-    return torch.cat([torch.cat([torch.full_like(c[:, :1], b), c], 1) for b, c in enumerate(parts)]).int()
+    "Concatenate per-scene (M_b, 3) coords into (M, 4) int32 [b, x, y, z] (shared by every method's collate)."
+    return torch.cat([F.pad(c, (1, 0), value=b) for b, c in enumerate(parts)]).int()
+
+
+def _items(samples: list, who: str) -> list:
+    "The training items of a batch: `samples` holds per-scene lists of items (sampler outputs) or items."
+    items = [it for s in samples for it in (s if isinstance(s, list) else [s])]
+    if not items:
+        raise MSMError(f"{who}: empty batch")
+    return items
 
 
 def collate_pairs(samples: list) -> dict:
     "Batch the items of several scenes (a list of `PairSampler` outputs, or of items) for `MaskedSceneModel`."
-    items = [it for s in samples for it in (s if isinstance(s, list) else [s])]
-    if not items:
-        raise MSMError("collate_pairs: empty batch")
+    items = _items(samples, "collate_pairs")
     n_levels = len(items[0]["pairs"])
     masks = [it["mask"] if it["mask"] is not None else torch.zeros(len(it["student"][0]), dtype=torch.bool)
              for it in items]
