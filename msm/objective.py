@@ -79,6 +79,7 @@ class ObjectiveConfig(ConfigBase):
     ema_end: float = 1.0  # teacher momentum at the last step (Table 14), cosine in between
     teacher_dropout: bool = False  # False: the teacher runs with drop path and attention dropout off
     token_std: float = 0.02  # std of the truncated-normal initialisation of the mask tokens
+    visible_weight: float = 0.0  # weight of the loss on VISIBLE matched voxels (0: masked voxels only, the paper's reading)
 
     def check(self) -> ObjectiveConfig:
         "Raise `MSMError` for an unknown choice; return self."
@@ -87,6 +88,8 @@ class ObjectiveConfig(ConfigBase):
                 raise MSMError(f"ObjectiveConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0.0 <= self.ema_start <= self.ema_end <= 1.0:
             raise MSMError(f"ObjectiveConfig: need 0 <= ema_start <= ema_end <= 1, got {self.ema_start}, {self.ema_end}")
+        if not self.visible_weight >= 0:
+            raise MSMError(f"ObjectiveConfig.visible_weight must be >= 0, got {self.visible_weight}")
         return self
 
 # %% ../nbs/08_objective.ipynb #beb69007
@@ -283,8 +286,10 @@ class MaskedSceneModel(EMATeacher, nn.Module):
         rows_s = _rows(batch["pairs_student"][lv].to(dev), s.coords, "student")  # (K,)
         rows_t = _rows(batch["pairs_teacher"][lv].to(dev), t.coords, "teacher")  # (K,)
         w = batch["pair_weights"][lv].to(dev)  # (K,)
-        keep = masked[rows_s] if masked is not None else torch.ones_like(rows_s, dtype=torch.bool)
-        rows_s, rows_t, w = rows_s[keep], rows_t[keep], w[keep]  # pairs of masked student voxels
+        vis_w = self.config.visible_weight if masked is not None else 1.0  # without masking every voxel counts
+        if vis_w == 0:  # pairs of masked student voxels only
+            keep = masked[rows_s]
+            rows_s, rows_t, w = rows_s[keep], rows_t[keep], w[keep]
         tf = normalise_targets(t.feats.float(), t.coords[:, 0], n_items, self.config.target_norm)  # (Mt, C)
         voxels, inv = torch.unique(rows_s, return_inverse=True)  # (V,), (K,)
         num = tf.new_zeros(len(voxels), tf.shape[1]).index_add_(0, inv, tf[rows_t] * w.unsqueeze(1))  # (V, C)
@@ -293,6 +298,11 @@ class MaskedSceneModel(EMATeacher, nn.Module):
         pred = self.heads[lv](s.feats[voxels]).float()  # (V, C)
         per_voxel = feature_loss(pred, target, self.config.loss, self.config.smooth_l1_beta)  # (V,)
         b = s.coords[voxels, 0].long()  # (V,) scene of each voxel
-        sums = per_voxel.new_zeros(n_items).index_add_(0, b, per_voxel)  # (B,)
-        counts = torch.bincount(b, minlength=n_items).clamp_min(1)  # (B,)
+        if vis_w in (0, 1):  # plain mean over the voxels in the loss
+            sums = per_voxel.new_zeros(n_items).index_add_(0, b, per_voxel)  # (B,)
+            counts = torch.bincount(b, minlength=n_items).clamp_min(1)  # (B,)
+        else:  # weighted mean: masked voxels weigh 1, visible ones vis_w
+            vw = torch.where(masked[voxels], 1.0, vis_w).to(per_voxel.dtype)  # (V,)
+            sums = per_voxel.new_zeros(n_items).index_add_(0, b, per_voxel * vw)  # (B,)
+            counts = per_voxel.new_zeros(n_items).index_add_(0, b, vw).clamp_min(1e-12)  # (B,)
         return sums / counts, len(voxels)
