@@ -9,6 +9,7 @@ Docs: https://github.com/msm-devs/msm/cli.html.md"""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .core import MSMError  # noqa: E402
 
 # %% auto #0
-__all__ = ['load_backbone', 'build_parser', 'main']
+__all__ = ['load_backbone', 'build_parser', 'parse_settings', 'pretrain_config', 'main']
 
 # %% ../nbs/13_cli.ipynb #a4393487
 def load_backbone(path: str | os.PathLike, device: str | None = None):
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: preset's)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="change PretrainConfig fields; dotted names reach sub-configs, values are JSON (else strings), "
+                        "e.g. --set lr=0.002 mask.ratio=0.6 objective.loss=cosine objective.visible_weight=1")
 
     r = sub.add_parser("probe", help="linear / kNN probe of a frozen backbone",
                        description="Train a linear or nearest-neighbour probe on frozen multi-resolution point features "
@@ -126,27 +130,38 @@ def _cmd_make_samples(a):
     print(f"wrote {a.n} rooms to {a.out}/train and {a.out}/val")
 
 
-def _cmd_pretrain(a):
-    from msm.pretrain import PretrainConfig, pretrain
-    cfg = PretrainConfig.preset(a.preset)
+def parse_settings(items) -> dict:
+    "`KEY=VALUE` strings -> {KEY: value}; a value is parsed as JSON when it can be, else kept as a string."
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise MSMError(f"--set expects KEY=VALUE (e.g. mask.ratio=0.6), got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def pretrain_config(a):
+    "The PretrainConfig of an `msm pretrain` command line: the preset, then --seed, --save-every, --workers, --set."
+    from msm.pretrain import PretrainConfig
     over = {"seed": a.seed}
     if a.save_every is not None:
         over["save_every"] = a.save_every
     if a.workers is not None:
         over["num_workers"] = a.workers
-    cfg = cfg.replace(**over) if hasattr(cfg, "replace") else _replace(cfg, **over)
-    pretrain(cfg, a.data, a.out, max_steps=a.max_steps, epochs=a.epochs, resume=a.resume, method=a.method,
-             progress=not a.no_progress)
+    return PretrainConfig.preset(a.preset).replace(**over, **parse_settings(a.set))
 
 
-def _replace(cfg, **kw):
-    import dataclasses
-    return dataclasses.replace(cfg, **kw)
+def _cmd_pretrain(a):
+    from msm.pretrain import pretrain
+    pretrain(pretrain_config(a), a.data, a.out, max_steps=a.max_steps, epochs=a.epochs, resume=a.resume,
+             method=a.method, progress=not a.no_progress)
 
 
 def _cmd_probe(a):
-    import json
-
     from msm.core import seed_everything
     from msm.probe import ProbeConfig, run_probe
     seed_everything(a.seed)
@@ -158,9 +173,7 @@ def _cmd_probe(a):
         model = HUNet(presets[a.preset]()).eval()
     else:
         model = load_backbone(a.ckpt)
-    cfg = ProbeConfig(seed=a.seed)
-    if a.epochs is not None:
-        cfg = _replace(cfg, epochs=a.epochs)
+    cfg = ProbeConfig(seed=a.seed) if a.epochs is None else ProbeConfig(seed=a.seed, epochs=a.epochs)
     res = run_probe(model, a.data, mode=a.mode, out_dir=a.out, config=cfg)
     print(json.dumps({k: res[k] for k in ("miou", "macc", "oa")}))
 

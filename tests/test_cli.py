@@ -82,5 +82,9 @@ def test_parser_contract():
     a = p.parse_args(["pretrain", "--preset", "paper", "--data", "d", "--out", "o", "--epochs", "3", "--resume",
                       "--save-every", "7", "--seed", "5", "--method", "msm"])
     assert (a.preset, a.epochs, a.resume, a.save_every, a.seed, a.method) == ("paper", 3, True, 7, 5, "msm")
+    a = p.parse_args(["pretrain", "--data", "d", "--out", "o", "--set", "objective.visible_weight=0.5", "mask.ratio=0.6"])
+    from msm.cli import pretrain_config
+    cfg = pretrain_config(a)
+    assert (cfg.objective.visible_weight, cfg.mask.ratio, cfg.name) == (0.5, 0.6, "tiny")
     a = p.parse_args(["probe", "--ckpt", "c.pt", "--data", "d", "--mode", "knn", "--out", "o"])
     assert a.mode == "knn" and a.ckpt == "c.pt"
