@@ -11,6 +11,7 @@ benchmark continues where it stopped and rows can be added later.
     python benchmarks/bench_learning.py                               # random, MSM, supervised; 3 seeds (README table)
     python benchmarks/bench_learning.py --rows all --jobs 2           # every row
     python benchmarks/bench_learning.py --rows random,msm --seeds 0 --steps 100   # a quick look
+    python benchmarks/bench_learning.py --rows random,msm_light --data-seed 1 --out fresh   # other rooms
 
 The rooms are generated once into --data (default <out>/rooms). Last line: one JSON object with the MSM - random gap.
 See nbs/14_learning.ipynb for what each row is.
@@ -45,6 +46,8 @@ def main(argv=None):
     p.add_argument("--n-train", type=int, default=d.n_train)
     p.add_argument("--n-val", type=int, default=d.n_val)
     p.add_argument("--points", type=int, default=d.n_points)
+    p.add_argument("--data-seed", type=int, default=d.data_seed,
+                   help="seed of the generated rooms (another seed: rooms no setting was chosen on)")
     p.add_argument("--probe-epochs", type=int, default=d.probe_epochs)
     p.add_argument("--table-only", action="store_true", help="print the table of the runs cached under --out, run nothing")
     a = p.parse_args(argv)
@@ -54,7 +57,8 @@ def main(argv=None):
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value)
     cfg = BenchConfig(rows=rows, seeds=tuple(int(s) for s in a.seeds.split(",")), steps=a.steps, overrides=overrides,
-                      n_train=a.n_train, n_val=a.n_val, n_points=a.points, probe_epochs=a.probe_epochs)
+                      n_train=a.n_train, n_val=a.n_val, n_points=a.points, data_seed=a.data_seed,
+                      probe_epochs=a.probe_epochs)
     out = Path(a.out)
     if a.table_only:
         results = [json.loads(f.read_text()) for k in ROWS for f in sorted(out.glob(f"{k}/seed*/result.json"))]
@@ -66,7 +70,7 @@ def main(argv=None):
     t0 = time.time()
     results = run_bench(data, out, cfg, jobs=a.jobs)
     table = bench_table(results)
-    header = (f"tiny preset, {cfg.steps} steps, {cfg.n_train} train / {cfg.n_val} val rooms of {cfg.n_points} points, "
+    header = (f"tiny preset, {cfg.steps} steps, {cfg.n_train} train / {cfg.n_val} val rooms of {cfg.n_points} points (room seed {cfg.data_seed}), "
               f"seeds {list(cfg.seeds)}, overrides {overrides or 'none'}; {os.cpu_count()} cores, torch "
               f"{torch.__version__}, {a.jobs} run(s) at once; wall {(time.time() - t0) / 60:.1f} min (cached runs free)")
     (out / "table.md").write_text(header + "\n\n" + table)
