@@ -80,9 +80,9 @@ class PretrainConfig(ConfigBase):
 
     @classmethod
     def tiny(cls) -> PretrainConfig:
-        "CPU-friendly: the tiny model, 8k-point crops, 2 scenes per step, 300 steps, lr 3e-3."
-        return cls(name="tiny", model=HUNetConfig.tiny(), mask=MaskConfig.for_levels(4), crop_points=8_000,
-                   batch_size=2, max_steps=300, epochs=100, warmup_epochs=5, lr=3e-3, num_workers=1,
+        "CPU-friendly: the tiny model, 8k-point crops, 2 scenes per step, 300 steps, lr 3e-3, mask ratio 0.2, visible voxels in the loss."
+        return cls(name="tiny", model=HUNetConfig.tiny(), mask=MaskConfig.for_levels(4, ratio=0.2),
+                   objective=ObjectiveConfig(visible_weight=1.0), crop_points=8_000, batch_size=2, max_steps=300, epochs=100, warmup_epochs=5, lr=3e-3, num_workers=1,
                    cache_scenes=True, log_every=5, save_every=100, tensorboard=False)
 
     @classmethod
