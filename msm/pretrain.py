@@ -80,10 +80,11 @@ class PretrainConfig(ConfigBase):
 
     @classmethod
     def tiny(cls) -> PretrainConfig:
-        "CPU-friendly: the tiny model, 8k-point crops, 2 scenes per step, 300 steps, lr 3e-3, mask ratio 0.2, visible voxels in the loss."
+        "CPU-friendly: tiny model, 8k-point crops, batch 2, 300 steps, lr 3e-3, mask 0.2, visible voxels in the loss."
         return cls(name="tiny", model=HUNetConfig.tiny(), mask=MaskConfig.for_levels(4, ratio=0.2),
-                   objective=ObjectiveConfig(visible_weight=1.0), crop_points=8_000, batch_size=2, max_steps=300, epochs=100, warmup_epochs=5, lr=3e-3, num_workers=1,
-                   cache_scenes=True, log_every=5, save_every=100, tensorboard=False)
+                   objective=ObjectiveConfig(visible_weight=1.0), crop_points=8_000, batch_size=2, max_steps=300,
+                   epochs=100, warmup_epochs=5, lr=3e-3, num_workers=1, cache_scenes=True, log_every=5,
+                   save_every=100, tensorboard=False)
 
     @classmethod
     def preset(cls, name: str) -> PretrainConfig:
