@@ -6,12 +6,13 @@ Modules:
 - `msm.cli`: One console command for every job: make sample data, pre-train (also under `torchrun`), probe, extract features, draw them, and the end-to-end demo.
 - `msm.data`: Scene files in, validated scene dicts out: the formats people store scans in, data sets over a split folder, and synthetic labelled rooms that are hard enough to show what pre-training learns.
 - `msm.demo`: Pre-train the `tiny` HUNet with masked scene modeling on the sample rooms, probe it against a randomly initialised twin, and write a report with the table, the loss curve, PCA pictures and an interactive 3D view.
+- `msm.features`: Features of a frozen backbone at every original point: each decoder level sampled at the point (trilinear over its 8 surrounding voxels, or nearest) and the levels concatenated fine to coarse.
 - `msm.hunet`: The hybrid sparse-convolution / attention U-Net of Masked Scene Modeling: blocks, the encoder-decoder, presets, the masked forward used by pre-training, and loading of the official weights.
 - `msm.learning`: A supervised HUNet trained end to end (the ceiling of any frozen-feature probe), and the benchmark that puts random init, masked scene modeling, its Table 10 ablations and the neighbouring methods side by side under one probe.
 - `msm.masking`: Patch masks drawn per scene on the finest voxels and carried consistently to every level of the U-Net, the per-voxel alternative, and the mask-ratio schedule.
 - `msm.objective`: The masked scene modeling loss: two views of a scene, a student that sees one of them masked, an EMA teacher that sees the other whole, and a per-level feature loss on the masked voxels, matched through shared points.
 - `msm.pretrain`: The training loop of masked scene modeling: presets, optimiser and schedules, mixed precision, DistributedDataParallel under `torchrun`, atomic checkpoints, exact resume, and logs.
-- `msm.probe`: The evaluation protocol: features of a frozen backbone sampled at every original point from all decoder levels, a linear probe and a nearest-neighbour probe trained on them, and the segmentation metrics.
+- `msm.probe`: The evaluation protocol: a linear probe and a nearest-neighbour probe trained on the frozen per-point features of `msm.features`, and the segmentation metrics they are scored with.
 - `msm.rooms`: Furnished rooms scanned by virtual scanners, labelled with ScanNet's 20 classes: the data every notebook, test and the demo run on, with no download, made hard enough to show what pre-training learns.
 - `msm.serialize`: Space-filling curves (z-order and Hilbert, on xyz and yxz) that put the voxels of a scene in a line, and sliding-window multi-head attention along that line, with memory linear in the number of voxels.
 - `msm.sparse`: A pure-PyTorch sparse 3D convolution engine: the `SparseTensor` container, coordinate hashing, kernel maps, submanifold / strided / transposed convolutions with a memory-lean autograd function, and sparse norms.

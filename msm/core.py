@@ -7,7 +7,6 @@ Docs: https://github.com/msm-devs/msm/core.html.md"""
 # %% ../nbs/00_core.ipynb #c3d6dd9a
 from __future__ import annotations
 
-import os
 import random
 import types
 import typing
@@ -18,7 +17,7 @@ import torch
 
 # %% auto #0
 __all__ = ['GLOSSARY', 'SCENE_FIELDS', 'MSMError', 'validate_scene', 'seed_everything', 'default_device', 'to_device',
-           'num_threads', 'ConfigBase']
+           'model_device', 'num_threads', 'ConfigBase']
 
 # %% ../nbs/00_core.ipynb #fb808f31
 GLOSSARY = {
@@ -148,6 +147,12 @@ def to_device(obj, device):
     if hasattr(obj, "to") and callable(obj.to) and not isinstance(obj, (type, np.ndarray)):
         return obj.to(device)
     return obj
+
+
+def model_device(model) -> torch.device:
+    "The device of a module's first parameter (CPU for a module without parameters): where its inputs must go."
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def num_threads() -> int:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .core import ConfigBase, MSMError, seed_everything
 
@@ -79,9 +78,11 @@ def plot_loss_curve(metrics_file, out_png) -> Path:
     ax.plot(steps, [ln["loss"] for ln in lines], lw=2, label="total")
     for k in sorted(k for k in lines[0] if k.startswith("loss_")):
         ax.plot(steps, [ln.get(k, np.nan) for ln in lines], lw=0.8, label=k[5:])
-    ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.set_title("masked scene modeling pre-training")
-    ax.legend(fontsize=7, ncol=2); fig.tight_layout()
-    fig.savefig(out_png); plt.close(fig)
+    ax.set(xlabel="step", ylabel="loss", title="masked scene modeling pre-training")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
     return Path(out_png)
 
 # %% ../nbs/11a_demo.ipynb #088281ff
@@ -96,7 +97,7 @@ def _probe_all(model, data_root, out: Path, cfg: DemoConfig) -> dict:
 def _pictures(models: dict, scene_path: Path, out: Path, cfg: DemoConfig) -> tuple[Path, Path]:
     "PNG panels (RGB, labels, PCA of each network) and an interactive HTML of one validation room."
     from msm.data import load_scene
-    from msm.probe import extract_point_features
+    from msm.features import extract_point_features
     from msm.viz import label_colors, pca_colors, plot_panels, scene_html
     scene = load_scene(scene_path)
     colours = {"RGB": scene["color"] / 255.0}
@@ -140,7 +141,7 @@ def run_demo(out="demo_out", seed: int = 0, max_steps: int | None = None, data_r
     rows = {"MSM pre-trained": _probe_all(trained, data_root, out / "probe_msm", cfg),
             "random init": _probe_all(random_twin, data_root, out / "probe_random", cfg)}
     t_probe = time.time() - t1
-    loss_png = plot_loss_curve(run_dir / "metrics.jsonl", out / "loss.png")
+    plot_loss_curve(run_dir / "metrics.jsonl", out / "loss.png")
     val_scene = list_scenes(data_root, "val")[0]
     feat_png, html = _pictures({"MSM": trained, "random": random_twin}, val_scene, out, cfg)
     gap = 100 * (rows["MSM pre-trained"]["linear"]["miou"] - rows["random init"]["linear"]["miou"])

@@ -9,7 +9,6 @@ Docs: https://github.com/msm-devs/msm/learning.html.md"""
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -220,6 +219,7 @@ def _run_one(args):
 def run_bench(data_root, out, config: BenchConfig | None = None, jobs: int = 1, progress: bool = True) -> list[dict]:
     "Every (row, seed) run of `config` (cached ones are read back); returns their results in table order."
     from concurrent.futures import ProcessPoolExecutor, as_completed
+
     from tqdm.auto import tqdm
     config = config or BenchConfig()
     unknown = [k for k in config.rows if k not in ROWS]

@@ -1,5 +1,5 @@
-"""The evaluation protocol: features of a frozen backbone sampled at every original point from all decoder levels,
-a linear probe and a nearest-neighbour probe trained on them, and the segmentation metrics.
+"""The evaluation protocol: a linear probe and a nearest-neighbour probe trained on the frozen per-point features of
+`msm.features`, and the segmentation metrics they are scored with.
 
 Docs: https://github.com/msm-devs/msm/probe.html.md"""
 
@@ -22,204 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .core import ConfigBase, MSMError, validate_scene
+from .core import ConfigBase, MSMError, model_device
 from .data import S3DIS_CLASSES, SCANNET20_CLASSES, list_scenes, load_scene
-from .sparse import SparseTensor
-from .transforms import CenterShift, default_pretrain_transform
-from .voxelize import collate, voxelize_scene
+from .features import check_sampling, extract_point_features, sample_features
+from .transforms import default_pretrain_transform
+
+_all_ = ["extract_point_features", "sample_features"]  # re-exported: `msm.probe.sample_features` is a stable name
 
 # %% auto #0
-__all__ = ['level_position', 'VoxelIndex', 'corner_rows', 'sample_features', 'extract_point_features', 'confusion_matrix',
-           'segmentation_metrics', 'plot_confusion', 'ProbeConfig', 'FeatureStore', 'fit_linear_probe', 'knn_bank',
-           'knn_predict', 'run_probes', 'run_probe', 'write_point_features']
-
-# %% ../nbs/10_probe.ipynb #4915b58c
-_CORNERS = tuple((k >> 2 & 1, k >> 1 & 1, k & 1) for k in range(8))  # the 8 corner offsets, z varies fastest
-_METHODS, _ALIGNS, _EMPTY = ("trilinear", "nearest"), ("center", "official"), ("zero", "renormalize")
-
-
-def level_position(c: torch.Tensor, stride: int, align: str = "center", size: torch.Tensor | None = None) -> torch.Tensor:
-    """Continuous position (n, 3) float64, in voxels of a level with `stride`, of points in finest voxels `c` (n, 3).
-
-    'center': voxel centres at integers, u = (c + 0.5) / stride - 0.5. 'official': u = (c + 0.5) / stride * (S - 1) / S
-    with S = `size` (n, 3), the per-scene max level coordinate + 1 (what the official sampler computes)."""
-    c = c.double()
-    if align == "center":
-        return (c + 0.5) / stride - 0.5
-    size = size.double()
-    return (c + 0.5) / stride * (size - 1) / size
-
-
-class VoxelIndex:
-    "Sorted int64 keys of a level's voxels `coords` (M, 4): `find(q)` gives the row of each query (Q, 4), -1 if absent."
-
-    def __init__(self, coords: torch.Tensor):
-        c = coords.long()
-        if len(c) == 0:
-            self.lo = self.span = None
-            return
-        self.lo = c.min(0).values  # (4,)
-        self.span = c.max(0).values - self.lo + 1  # (4,)
-        if float(self.span.double().prod()) >= 2**62:
-            raise MSMError(f"VoxelIndex: coordinate box {self.span.tolist()} too large for int64 keys")
-        self.keys, self.rows = torch.sort(self._key(c - self.lo))  # (M,), (M,)
-
-    def _key(self, r: torch.Tensor) -> torch.Tensor:
-        return ((r[:, 0] * self.span[1] + r[:, 1]) * self.span[2] + r[:, 2]) * self.span[3] + r[:, 3]
-
-    def _search(self, key: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-        pos = torch.searchsorted(self.keys, key.masked_fill(~inside, -1)).clamp_(max=len(self.keys) - 1)
-        return torch.where(inside & (self.keys[pos] == key), self.rows[pos], -1)
-
-    def find(self, q: torch.Tensor) -> torch.Tensor:
-        "Row (Q,) int64 of each query coordinate (Q, 4) [b, x, y, z], -1 where it is not a voxel."
-        if self.lo is None:
-            return torch.full((len(q),), -1, dtype=torch.long, device=q.device)
-        r = q.long() - self.lo  # (Q, 4)
-        return self._search(self._key(r), ((r >= 0) & (r < self.span)).all(1))
-
-    def find_corners(self, batch: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        "Rows (n, 8) of the voxels base + {0, 1}^3 (base (n, 3) int64, scenes batch (n,)), -1 where absent."
-        if self.lo is None:
-            return torch.full((len(base), 8), -1, dtype=torch.long, device=base.device)
-        r = torch.cat([batch[:, None], base], 1) - self.lo  # (n, 4)
-        lo_ok, hi_ok = (r >= 0) & (r < self.span), (r >= -1) & (r < self.span - 1)  # (n, 4): r and r + 1 in the box
-        off = torch.tensor(_CORNERS, device=r.device)  # (8, 3)
-        inside = torch.where(off.bool(), hi_ok[:, None, 1:], lo_ok[:, None, 1:]).all(2) & lo_ok[:, :1]  # (n, 8)
-        step = torch.stack([self.span[2] * self.span[3], self.span[3], torch.ones_like(self.span[3])])  # (3,)
-        key = self._key(r)[:, None] + (off * step).sum(1)  # (n, 8) keys of the 8 corners
-        return self._search(key, inside)
-
-
-def corner_rows(index: VoxelIndex, u: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "Rows (n, 8) of the 8 voxels around positions `u` (n, 3) of scenes `batch` (n,) in a level's `index` (-1: empty) and their trilinear weights (n, 8)."
-    base = u.floor()  # (n, 3)
-    frac = u - base  # (n, 3) in [0, 1)
-    off = torch.tensor(_CORNERS, device=u.device)  # (8, 3)
-    w = torch.where(off.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(2)  # (n, 8)
-    return index.find_corners(batch.long(), base.long()), w
-
-# %% ../nbs/10_probe.ipynb #133c53cf
-def _level_parts(level, i: int):
-    "feats (M, C), coords (M, 4) and stride of level `i` (a SparseTensor, or anything with .feats / .coords / .stride)."
-    feats, coords, stride = (getattr(level, k, None) for k in ("feats", "coords", "stride"))
-    if not isinstance(feats, torch.Tensor) or not isinstance(coords, torch.Tensor) or feats.ndim != 2 \
-            or tuple(coords.shape) != (len(feats), 4):
-        raise MSMError(f"sample_features: level {i} must have feats (M, C) and coords (M, 4) [b, x, y, z], got "
-                       f"{tuple(getattr(feats, 'shape', ()))} and {tuple(getattr(coords, 'shape', ()))}")
-    if stride is None or int(stride) != stride or stride < 1:
-        raise MSMError(f"sample_features: level {i} has stride {stride!r}, expected a positive integer (2**level)")
-    return feats, coords.to(feats.device), int(stride)
-
-
-def _scene_size(coords: torch.Tensor, n_scenes: int) -> torch.Tensor:
-    "Per-scene box S = max coordinate + 1 per axis, (n_scenes, 3) int64 (1 for scenes without voxels)."
-    hi = torch.zeros(n_scenes, 3, dtype=torch.long, device=coords.device)
-    hi.scatter_reduce_(0, coords[:, :1].long().expand(-1, 3), coords[:, 1:].long(), "amax", include_self=True)
-    return hi + 1
-
-
-def _sample_chunk(feats, index, stride, c, b, method, align, empty, size):
-    "Features (n, C) of one level (its feats and VoxelIndex) at the points c (n, 3) of scenes b (n,)."
-    if method == "nearest":
-        rows = index.find(torch.cat([b[:, None], torch.div(c, stride, rounding_mode="floor")], 1))[:, None]  # (n, 1)
-        w = (rows >= 0).to(feats.dtype)  # (n, 1), 0 where the voxel is missing
-    else:
-        u = level_position(c, stride, align, None if size is None else size[b])  # (n, 3)
-        rows, w = corner_rows(index, u, b)  # (n, 8), (n, 8)
-        w = torch.where(rows >= 0, w, 0.0)
-        if empty == "renormalize":
-            w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
-    return F.embedding_bag(rows.clamp_min(0), feats, per_sample_weights=w.to(feats.dtype), mode="sum")  # (n, C)
-
-
-def sample_features(levels, point_grid_coord, batch=None, method: str = "trilinear", align: str = "center",
-                    empty: str = "zero", level_ids=None, chunk: int = 2**17) -> torch.Tensor:
-    """Per-point features (N, sum of channels) of `levels` (finest first, level i at stride 2**i), fine to coarse.
-
-    point_grid_coord (N, 3): finest-level grid coordinate of every original point; batch (N,): its scene (default 0).
-    method 'trilinear' (8 corners) | 'nearest' (voxel floor(c / 2**i)); align 'center' (voxel centres, correct) |
-    'official' (the released sampler's positions); empty 'zero' (official) | 'renormalize' (divide by the occupied
-    corners' weight); level_ids: which levels (default all); chunk: points per lookup (bounds memory)."""
-    for name, value, choices in (("method", method, _METHODS), ("align", align, _ALIGNS), ("empty", empty, _EMPTY)):
-        if value not in choices:
-            raise MSMError(f"sample_features: {name} must be one of {choices}, got {value!r}")
-    if not isinstance(levels, (list, tuple)) or not levels:
-        raise MSMError("sample_features: levels must be a non-empty list of per-level SparseTensors (finest first)")
-    ids = list(range(len(levels))) if level_ids is None else [int(i) for i in level_ids]
-    if not ids or any(not 0 <= i < len(levels) for i in ids):
-        raise MSMError(f"sample_features: level_ids {list(level_ids)} must be level numbers in [0, {len(levels)})")
-    parts = [_level_parts(levels[i], i) for i in ids]
-    dev = parts[0][0].device
-    c = torch.as_tensor(point_grid_coord, device=dev)
-    if c.ndim != 2 or c.shape[1] != 3 or c.is_floating_point():
-        raise MSMError(f"sample_features: point_grid_coord must be integer (N, 3), got {c.dtype} {tuple(c.shape)}")
-    c = c.long()
-    b = torch.zeros(len(c), dtype=torch.long, device=dev) if batch is None else torch.as_tensor(batch, device=dev).long()
-    if b.shape != (len(c),):
-        raise MSMError(f"sample_features: batch must have shape ({len(c)},), got {tuple(b.shape)}")
-    n_scenes = 1 + int(max([b.max().item() if len(b) else 0] + [p[1][:, 0].max().item() for p in parts if len(p[1])]))
-    out = parts[0][0].new_zeros(len(c), sum(p[0].shape[1] for p in parts))  # (N, C_total)
-    col = 0
-    for feats, coords, stride in parts:
-        work = feats if feats.dtype in (torch.float32, torch.float64) else feats.float()
-        size = None
-        if align == "official" and method == "trilinear" and len(coords):
-            if bool((coords[:, 1:] < 0).any()):
-                raise MSMError("sample_features: align='official' needs non-negative grid coordinates (as voxelize gives)")
-            size = _scene_size(coords, n_scenes)  # (n_scenes, 3)
-        index = VoxelIndex(coords)
-        for s in range(0, len(c), chunk):
-            part = _sample_chunk(work, index, stride, c[s:s + chunk], b[s:s + chunk], method, align, empty, size)
-            out[s:s + chunk, col:col + feats.shape[1]] = part
-        col += feats.shape[1]
-    return out
-
-# %% ../nbs/10_probe.ipynb #7dd39426
-def _model_device(model) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def extract_point_features(model, scene: dict, voxel_size: float | None = None, levels=None, method: str = "trilinear",
-                           align: str = "center", empty: str = "zero", fragments: int = 1, chunk: int = 2**17,
-                           seed: int = 0) -> torch.Tensor:
-    """Frozen multi-resolution features (N, C_total) of every original point of `scene`, on the model's device.
-
-    voxel_size: default `model.config.voxel_size`; levels: level ids to sample (default all); fragments: 1 = one
-    deterministic voxelisation, k > 1 = mean over k test-mode fragments (0 = all), drawn with `seed`."""
-    scene = validate_scene(scene, scene.get("name", "<scene>") if isinstance(scene, dict) else "<scene>")
-    cfg = getattr(model, "config", None)
-    voxel_size = voxel_size if voxel_size is not None else getattr(cfg, "voxel_size", None)
-    if voxel_size is None:
-        raise MSMError("extract_point_features: pass voxel_size (the model has no config.voxel_size)")
-    if int(fragments) != fragments or fragments < 0:
-        raise MSMError(f"extract_point_features: fragments must be an integer >= 0, got {fragments!r}")
-    scene = CenterShift(apply_z=True)(scene, np.random.default_rng(0))  # the official CenterShift
-    if fragments == 1:
-        frags = [voxelize_scene(scene, voxel_size, "first")]
-    else:
-        frags = voxelize_scene(scene, voxel_size, "test", torch.Generator().manual_seed(seed))
-        frags = frags[:fragments] if fragments else frags
-    dev, was_training = _model_device(model), model.training
-    shuffle = getattr(cfg, "shuffle_curves", None)
-    try:
-        model.eval()
-        if shuffle is not None:
-            cfg.shuffle_curves = False
-        out = None
-        with torch.no_grad():
-            for v in frags:
-                batch = collate([v])
-                x = SparseTensor(batch["feats"].to(dev), batch["coords"].to(dev), stride=1, check=False)
-                feats = sample_features(model(x), v["grid_coord"][v["inverse"]].to(dev), None, method, align, empty,
-                                        levels, chunk)  # (N, C_total)
-                out = feats if out is None else out.add_(feats)
-    finally:
-        model.train(was_training)
-        if shuffle is not None:
-            cfg.shuffle_curves = shuffle
-    return out / len(frags)
+__all__ = ['confusion_matrix', 'segmentation_metrics', 'plot_confusion', 'ProbeConfig', 'FeatureStore', 'fit_linear_probe',
+           'knn_bank', 'knn_predict', 'run_probes', 'run_probe', 'write_point_features', 'extract_point_features',
+           'sample_features']
 
 # %% ../nbs/10_probe.ipynb #e8cdfc98
 def confusion_matrix(pred, target, n_classes: int) -> torch.Tensor:
@@ -306,9 +119,7 @@ class ProbeConfig(ConfigBase):
     progress: bool = True  # tqdm progress bars
 
     def __post_init__(self):
-        for name, choices in (("method", _METHODS), ("align", _ALIGNS), ("empty", _EMPTY)):
-            if getattr(self, name) not in choices:
-                raise MSMError(f"ProbeConfig: {name} must be one of {choices}, got {getattr(self, name)!r}")
+        check_sampling("ProbeConfig", method=self.method, align=self.align, empty=self.empty)
         for name in ("epochs", "batch_points", "knn_k", "knn_max_per_class", "crop_points", "knn_block"):
             if int(getattr(self, name)) < 1:
                 raise MSMError(f"ProbeConfig: {name} must be >= 1, got {getattr(self, name)}")
@@ -571,7 +382,7 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
     train_paths, val_paths = list_scenes(data_root, train_split), list_scenes(data_root, val_split)
     feat_kw = dict(voxel_size=cfg.voxel_size, levels=cfg.level_ids, method=cfg.method, align=cfg.align,
                    empty=cfg.empty, fragments=cfg.fragments, seed=cfg.seed)
-    dev, t0 = _model_device(model), time.perf_counter()
+    dev, t0 = model_device(model), time.perf_counter()
     keep = not (cfg.on_the_fly and "knn" not in modes)  # on-the-fly linear alone needs only the statistics
     store, counts, max_label = FeatureStore(cfg.cache_budget_gb * 1e9, cfg.cache_dir, keep=keep), [], -1
     try:

@@ -366,7 +366,7 @@ def render_scene_features(model, scene, out_dir, features_fn=None, max_points: i
     name = Path(scene).name if isinstance(scene, (str, os.PathLike)) else "scene"
     scene = load_scene(scene) if isinstance(scene, (str, os.PathLike)) else scene
     if features_fn is None:
-        from msm.probe import extract_point_features as features_fn
+        from msm.features import extract_point_features as features_fn
     feats = features_fn(model, scene)  # (N, C)
     if len(feats) != len(scene["coord"]):
         raise MSMError(f"render_scene_features: {len(feats)} feature rows for {len(scene['coord'])} points")

@@ -1,7 +1,6 @@
 "End-to-end runs of the `msm` command: --help everywhere, make-samples, and the errors a user can cause (exit 2)."
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -417,3 +417,12 @@ def test_sample_features_cuda_equals_cpu():
         cpu = sample_features(levels, pts, b, align=align)
         gpu = sample_features([lv.to("cuda") for lv in levels], pts.cuda(), b.cuda(), align=align)
         assert gpu.is_cuda and torch.allclose(gpu.cpu(), cpu, atol=1e-5)
+
+
+def test_probe_keeps_the_feature_names():
+    "msm.probe.sample_features is a stable name (DESIGN.md): the sampling lives in msm.features, re-exported here."
+    import msm.features
+    import msm.probe
+    assert msm.probe.sample_features is msm.features.sample_features
+    assert msm.probe.extract_point_features is msm.features.extract_point_features
+    assert {"sample_features", "extract_point_features"} <= set(msm.probe.__all__)

@@ -221,13 +221,13 @@ def tiny_levels(name: str = "room_0008", seed: int = 0):
 def check_sample_level(sample_level) -> dict:
     """Exercise 3: `sample_level(feats, coords, stride, points)` equals `msm.probe.sample_features(levels, points,
     level_ids=[l])` (trilinear, voxel centres, empty corners count as zero) on every level of a tiny HUNet."""
-    # the hand-made case of 10_probe: stride 2, voxels (0, 0, 0) and (1, 0, 0), one point in finest voxel (1, 0, 0)
+    # the hand-made case of 09a_features: stride 2, voxels (0, 0, 0) and (1, 0, 0), one point in finest voxel (1, 0, 0)
     c = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32)
     f = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     got = _call(sample_level, f, c, 2, torch.tensor([[1, 0, 0]]))
     want = torch.tensor([[0.75**3, 0.25 * 0.75**2]])
     if tuple(got.shape) != (1, 2) or not torch.allclose(got.float(), want, atol=1e-6):
-        raise AssertionError(f"hand-made case (10_probe): got {got.tolist()}, expected {want.tolist()}: the point sits at "
+        raise AssertionError(f"hand-made case (09a_features): got {got.tolist()}, expected {want.tolist()}: the point sits at "
                              "u = (c + 0.5) / stride - 0.5 = (0.25, -0.25, -0.25) level voxels; only the corners with "
                              "y = z = 0 exist")
     levels, pts = tiny_levels()
