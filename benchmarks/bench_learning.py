@@ -12,6 +12,7 @@ benchmark continues where it stopped and rows can be added later.
     python benchmarks/bench_learning.py --rows all --jobs 2           # every row
     python benchmarks/bench_learning.py --rows random,msm --seeds 0 --steps 100   # a quick look
     python benchmarks/bench_learning.py --rows random,msm --data-seed 1 --out fresh   # other rooms
+    python benchmarks/bench_learning.py --rows random,msm --data-seed 2 --n-train 16 --out more   # twice the rooms
 
 The rooms are generated once into --data (default <out>/rooms). Last line: one JSON object with the MSM - random gap.
 See nbs/14_learning.ipynb for what each row is.
