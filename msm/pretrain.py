@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import ConfigBase, MSMError, seed_everything
+from .core import ConfigBase, MSMError, model_device, seed_everything
 from .data import SceneDataset
 from .hunet import HUNetConfig, _read_checkpoint
 from .masking import MaskConfig
@@ -407,7 +407,7 @@ def _step(model, module, optimizer, batch, config, step, total, rank):
     for group in optimizer.param_groups:
         group["lr"] = lr
     torch.manual_seed(step_seed(config.seed, step, rank))
-    dev = next(module.parameters()).device
+    dev = model_device(module)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config.amp and dev.type == "cuda"):
         res = model(batch)
     optimizer.zero_grad(set_to_none=True)
