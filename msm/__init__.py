@@ -8,6 +8,7 @@ Modules:
 - `msm.demo`: Pre-train the `tiny` HUNet with masked scene modeling on the sample rooms, probe it against a randomly initialised twin, and write a report with the table, the loss curve, PCA pictures and an interactive 3D view.
 - `msm.features`: Features of a frozen backbone at every original point: each decoder level sampled at the point (trilinear over its 8 surrounding voxels, or nearest) and the levels concatenated fine to coarse.
 - `msm.hunet`: The hybrid sparse-convolution / attention U-Net of Masked Scene Modeling: blocks, the encoder-decoder, presets, the masked forward used by pre-training, and loading of the official weights.
+- `msm.kernel_maps`: Coordinate hashing, kernel maps, down-sampling maps and the gather -> matmul -> scatter convolution with a memory-lean autograd function: the functional core of the library's pure-PyTorch sparse engine.
 - `msm.learning`: A supervised HUNet trained end to end (the ceiling of any frozen-feature probe), and the benchmark that puts random init, masked scene modeling, its Table 10 ablations and the neighbouring methods side by side under one probe.
 - `msm.masking`: Patch masks drawn per scene on the finest voxels and carried consistently to every level of the U-Net, the per-voxel alternative, and the mask-ratio schedule.
 - `msm.objective`: The masked scene modeling loss: two views of a scene, a student that sees one of them masked, an EMA teacher that sees the other whole, and a per-level feature loss on the masked voxels, matched through shared points.
@@ -15,7 +16,7 @@ Modules:
 - `msm.probe`: The evaluation protocol: a linear probe and a nearest-neighbour probe trained on the frozen per-point features of `msm.features`, and the segmentation metrics they are scored with.
 - `msm.rooms`: Furnished rooms scanned by virtual scanners, labelled with ScanNet's 20 classes: the data every notebook, test and the demo run on, with no download, made hard enough to show what pre-training learns.
 - `msm.serialize`: Space-filling curves (z-order and Hilbert, on xyz and yxz) that put the voxels of a scene in a line, and sliding-window multi-head attention along that line, with memory linear in the number of voxels.
-- `msm.sparse`: A pure-PyTorch sparse 3D convolution engine: the `SparseTensor` container, coordinate hashing, kernel maps, submanifold / strided / transposed convolutions with a memory-lean autograd function, and sparse norms.
+- `msm.sparse`: The `SparseTensor` container and its shared cache, the `Conv3d` module (submanifold, down-sampling, transposed) on the engine of `03a_kernel_maps`, the optional torchsparse backend, and the per-voxel layers.
 - `msm.transforms`: Augmentations of a scene dict, sphere crops, and the two independently augmented views of a scene that pre-training compares, each remembering which original point every one of its points came from.
 - `msm.viz`: Colour every point by the first principal components of its features, draw scenes as static panels (matplotlib) and as interactive 3D views (plotly), and show masks across levels.
 - `msm.voxelize`: Grid sampling of a point cloud (one kept point per occupied voxel, random in training), the map from every original point to its voxel, the 6 input channels, and the collation of several scenes into one sparse batch."""

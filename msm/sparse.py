@@ -1,5 +1,5 @@
-"""A pure-PyTorch sparse 3D convolution engine: the `SparseTensor` container, coordinate hashing, kernel maps,
-submanifold / strided / transposed convolutions with a memory-lean autograd function, and sparse norms.
+"""The `SparseTensor` container and its shared cache, the `Conv3d` module (submanifold, down-sampling, transposed)
+on the engine of `03a_kernel_maps`, the optional torchsparse backend, and the per-voxel layers.
 
 Docs: https://github.com/msm-devs/msm/sparse.html.md"""
 
@@ -11,85 +11,31 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msm.kernel_maps import (
+    KernelMap,
+    check_coords,
+    compute_dtype,
+    downsample,
+    kernel_map,
+    kernel_offsets,
+    lookup,
+    sparse_conv,
+    voxel_keys,
+)
+
 from .core import MSMError
 
 # %% auto #0
-__all__ = ['lookup', 'SparseCache', 'SparseTensor', 'kernel_offsets', 'KernelMap', 'kernel_map', 'downsample', 'sparse_conv',
-           'sparse_backend', 'Conv3d', 'RMSNorm', 'LayerNorm', 'BatchNorm', 'Linear', 'GELU', 'ReLU', 'DropPath']
+__all__ = ['SparseCache', 'SparseTensor', 'sparse_backend', 'Conv3d', 'RMSNorm', 'LayerNorm', 'BatchNorm', 'Linear', 'GELU',
+           'ReLU', 'DropPath', 'lookup', 'kernel_offsets', 'KernelMap', 'kernel_map', 'downsample', 'sparse_conv']
 
-# %% ../nbs/04_sparse.ipynb #b50ccd54
-def _check_coords(coords, name: str = "coords") -> torch.Tensor:
-    "Validate an (M, 4) integer coordinate tensor and return it as int32."
-    if not isinstance(coords, torch.Tensor):
-        raise MSMError(f"{name} must be a torch.Tensor of shape (M, 4), got {type(coords).__name__}")
-    if coords.ndim != 2 or coords.shape[1] != 4:
-        raise MSMError(f"{name} must have shape (M, 4) = [b, x, y, z], got {tuple(coords.shape)}")
-    if coords.dtype in (torch.bool,) or coords.is_floating_point() or coords.is_complex():
-        raise MSMError(f"{name} must hold integers (int32 grid coordinates), got dtype {coords.dtype}")
-    if coords.dtype != torch.int32:
-        if len(coords) and (coords.min() < -2**31 or coords.max() >= 2**31):
-            raise MSMError(f"{name} do not fit in int32")
-        coords = coords.to(torch.int32)
-    return coords
-
-
-def _box(coords: torch.Tensor, pad: int = 0):
-    "Lower corner and span (python ints) of the bounding box of coords (M, 4), xyz padded by `pad` on each side."
-    lo = coords.min(0).values.tolist()
-    hi = coords.max(0).values.tolist()
-    lo = [lo[0]] + [v - pad for v in lo[1:]]
-    span = [hi[0] - lo[0] + 1] + [h + pad - v + 1 for h, v in zip(hi[1:], lo[1:])]
-    if span[0] * span[1] * span[2] * span[3] >= 2**62:
-        raise MSMError(f"coordinate range too large for int64 keys (box spans {span}); crop or shift the scene")
-    return lo, span
-
-
-def _keys(coords: torch.Tensor, lo, span) -> torch.Tensor:
-    "Mixed-radix int64 key (M,) of every coordinate row inside the box (lo, span)."
-    c = coords.long() - torch.tensor(lo, device=coords.device)
-    return ((c[:, 0] * span[1] + c[:, 1]) * span[2] + c[:, 2]) * span[3] + c[:, 3]
-
-
-class _KeyIndex:
-    "Find int64 keys among `keys` (M,): a dense table over [0, volume) when small, else sorted keys + binary search."
-
-    def __init__(self, keys: torch.Tensor, volume: int, dense_factor: int = 8):
-        self.n = len(keys)
-        if volume <= dense_factor * self.n + 4096:
-            self.table = torch.full((volume,), -1, dtype=torch.int64, device=keys.device)
-            self.table[keys] = torch.arange(self.n, device=keys.device)
-        else:
-            self.table = None
-            self.sorted, self.perm = torch.sort(keys)
-
-    def find(self, q: torch.Tensor) -> torch.Tensor:
-        "Row of each query key (Q,) int64, -1 where absent. Queries must lie in [0, volume)."
-        if self.table is not None:
-            return self.table[q]
-        pos = torch.searchsorted(self.sorted, q).clamp_(max=max(self.n - 1, 0))
-        return torch.where(self.sorted[pos] == q, self.perm[pos], -1)
-
-
-def lookup(query_coords: torch.Tensor, table_coords: torch.Tensor) -> torch.Tensor:
-    "Row of `table_coords` (M, 4) holding each row of `query_coords` (Q, 4): int64 (Q,), -1 where absent."
-    q = _check_coords(query_coords, "query_coords")
-    t = _check_coords(table_coords, "table_coords").to(q.device)
-    out = torch.full((len(q),), -1, dtype=torch.int64, device=q.device)
-    if len(q) == 0 or len(t) == 0:
-        return out
-    lo, span = _box(t)
-    rel = q.long() - torch.tensor(lo, device=q.device)
-    inside = ((rel >= 0) & (rel < torch.tensor(span, device=q.device))).all(1)
-    index = _KeyIndex(_keys(t, lo, span), span[0] * span[1] * span[2] * span[3])
-    qi = inside.nonzero().squeeze(1)
-    out[qi] = index.find(_keys(q[qi], lo, span))
-    return out
+# %% ../nbs/04_sparse.ipynb #73e18ae8
+_all_ = ["lookup", "kernel_offsets", "KernelMap", "kernel_map", "downsample", "sparse_conv"]  # re-exported: stable names
 
 # %% ../nbs/04_sparse.ipynb #d75f3718
 class SparseCache:
@@ -127,7 +73,7 @@ class SparseTensor:
 
     def __init__(self, feats: torch.Tensor, coords: torch.Tensor, stride: int = 1, cache: SparseCache | None = None,
                  check: bool = True):
-        coords = _check_coords(coords)
+        coords = check_coords(coords)
         if not isinstance(feats, torch.Tensor) or feats.ndim != 2:
             raise MSMError(f"feats must be a (M, C) tensor, got {getattr(feats, 'shape', type(feats).__name__)}")
         if len(feats) != len(coords):
@@ -138,7 +84,7 @@ class SparseTensor:
         if check and len(coords):
             if coords[:, 0].min() < 0:
                 raise MSMError("coords: batch index (column 0) must be >= 0")
-            n_unique = len(torch.unique(_keys(coords, *_box(coords))))
+            n_unique = len(torch.unique(voxel_keys(coords)))
             if n_unique != len(coords):
                 raise MSMError(f"coords has {len(coords) - n_unique} duplicate voxel(s); each voxel may appear once")
         self.feats, self.coords, self.stride = feats, coords, int(stride)
@@ -211,327 +157,6 @@ class SparseTensor:
         b = self.coords[:, 0].long()
         out[b, :, local[:, 0], local[:, 1], local[:, 2]] = self.feats
         return out
-
-# %% ../nbs/04_sparse.ipynb #afeb2b29
-def kernel_offsets(kernel_size: int, device=None) -> torch.Tensor:
-    "(K, 3) int32 kernel offsets in torchsparse's order: odd sizes centred, x fastest; even sizes 0.., z fastest."
-    r = torch.arange(1 - kernel_size // 2, kernel_size // 2 + 1) if kernel_size % 2 == 0 else \
-        torch.arange(-(kernel_size // 2), kernel_size // 2 + 1)
-    a, b, c = torch.meshgrid(r, r, r, indexing="ij")
-    xyz = (c, b, a) if kernel_size % 2 else (a, b, c)  # odd: x innermost; even: z innermost
-    return torch.stack([t.reshape(-1) for t in xyz], 1).int().to(device)
-
-# %% ../nbs/04_sparse.ipynb #46d6a16e
-@dataclass(eq=False)
-class KernelMap:
-    "Pairs of a sparse convolution by kernel offset: `out[out_idx[k]] += in[in_idx[k]] @ kernel[k]` (see the notebook)."
-    in_idx: list  # K int64 tensors (P_k,): input rows of offset k
-    out_idx: list  # K int64 tensors (P_k,): output rows of offset k, same length
-    offsets: torch.Tensor  # (K, 3) int32 offsets (torchsparse order)
-    n_in: int  # input rows
-    n_out: int  # output rows
-    in_coords: torch.Tensor  # (n_in, 4) coords the map was built on
-    out_coords: torch.Tensor  # (n_out, 4) output coords (same tensor as in_coords for submanifold maps)
-    kind: str = "subm"  # "subm" (odd kernel, stride 1) or "down" (kernel 2, stride 2)
-    parent: torch.Tensor | None = None  # down maps: (n_in,) coarse row of each fine row
-    _plans: dict = field(default_factory=dict, repr=False)  # execution plans derived by the convolution
-
-    @property
-    def n_pairs(self) -> int:
-        return sum(len(i) for i in self.in_idx)
-
-    @property
-    def center(self) -> int | None:
-        "Index of the identity offset of a submanifold map (None for down maps)."
-        return len(self.offsets) // 2 if self.kind == "subm" else None
-
-
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    "t[idx] along dim 0 through index_select (several times faster than advanced indexing on CPU)."
-    return t.index_select(0, idx)
-
-
-def _column_finder(ucol: torch.Tensor, n_cells: int):
-    "Function mapping column keys to their index in the sorted unique column keys `ucol` (-1 where absent)."
-    n = len(ucol)
-    if n_cells <= 8 * n + 65536:  # small (b, x, y) box: a dense table
-        table = torch.full((n_cells,), -1, dtype=torch.int64, device=ucol.device)
-        table.scatter_(0, ucol, torch.arange(n, device=ucol.device))
-        return lambda q: _take(table, q.clamp(0, n_cells - 1))
-    def find(q):
-        p = torch.searchsorted(ucol, q).clamp_(max=n - 1)
-        return torch.where(_take(ucol, p) == q, p, -1)
-    return find
-
-
-def _neighbour_pairs(coords: torch.Tensor, r: int):
-    "Yield (d, o, i) for every offset d = (dx, dy, dz) with (dz, dy, dx) < 0, |d| <= r: rows with coords[i] = coords[o] + d."
-    lo, span = _box(coords, pad=r)
-    keys = _keys(coords, lo, span)  # (M,) z fastest
-    M, dev, perm = len(keys), keys.device, None
-    if M > 1 and not bool((keys[1:] > keys[:-1]).all()):
-        keys, perm = torch.sort(keys)
-    col = torch.div(keys, span[3], rounding_mode="floor")  # (M,) column key (b, x, y)
-    z = keys - col * span[3]  # (M,) height
-    first = torch.ones(M, dtype=torch.bool, device=dev)
-    first[1:] = col[1:] != col[:-1]
-    cstart = first.nonzero().squeeze(1)  # (n_col,) first voxel of each column
-    cid = first.cumsum(0) - 1  # (M,) column of each voxel
-    zlo = _take(z, cstart)  # (n_col,)
-    zhi = _take(z, torch.cat([cstart[1:], cstart.new_tensor([M])]) - 1)
-    clen = zhi - zlo + 1
-    zbase = clen.cumsum(0) - clen - zlo  # ztab position of (column c, height z) = zbase[c] + z
-    ucol = _take(col, cstart)
-    if int(clen.sum()) <= 8 * M + 65536:  # heights of a column as a dense table
-        ztab = torch.full((int(clen.sum()),), -1, dtype=torch.int64, device=dev)
-        ztab.scatter_(0, _take(zbase, cid) + z, torch.arange(M, device=dev))
-        def zfind(c2, zq, ok):
-            return _take(ztab, torch.where(ok, _take(zbase, c2) + zq, 0))
-    else:  # very sparse columns: binary search of the full keys
-        def zfind(c2, zq, ok):
-            q = _take(ucol, c2) * span[3] + zq
-            p = torch.searchsorted(keys, q).clamp_(max=M - 1)
-            return torch.where(_take(keys, p) == q, p, -1)
-    find = _column_finder(ucol, span[0] * span[1] * span[2])
-    for dy in range(-r, 1):
-        for dx in range(-r, r + 1 if dy < 0 else 1):
-            vcol = _take(find(ucol + dx * span[2] + dy), cid)  # (M,) neighbouring column of each voxel
-            sel = (vcol >= 0).nonzero().squeeze(1)
-            c2, zs = _take(vcol, sel), _take(z, sel)
-            zl, zh = _take(zlo, c2), _take(zhi, c2)
-            for dz in range(-r, 0 if dx == dy == 0 else r + 1):
-                zq = zs + dz
-                ok = (zq >= zl) & (zq <= zh)
-                cand = zfind(c2, zq, ok)
-                hit = (ok & (cand >= 0)).nonzero().squeeze(1)
-                o, i = _take(sel, hit), _take(cand, hit)  # sorted positions
-                if perm is not None:
-                    o, i = _take(perm, o), _take(perm, i)
-                yield (dx, dy, dz), o, i
-
-
-def kernel_map(coords: torch.Tensor, kernel_size: int = 3) -> KernelMap:
-    "Submanifold kernel map of an odd kernel on coords (M, 4): output sites = input sites."
-    coords = _check_coords(coords)
-    if kernel_size % 2 != 1:
-        raise MSMError(f"submanifold kernel maps need an odd kernel_size, got {kernel_size}")
-    K, r, M, dev = kernel_size**3, kernel_size // 2, len(coords), coords.device
-    rows = torch.arange(M, device=dev)
-    in_idx, out_idx = [rows[:0]] * K, [rows[:0]] * K
-    in_idx[K // 2] = out_idx[K // 2] = rows
-    if M:
-        for (dx, dy, dz), o, i in _neighbour_pairs(coords, r):
-            k = ((dz + r) * kernel_size + dy + r) * kernel_size + dx + r  # x fastest
-            in_idx[k], out_idx[k] = i, o
-            in_idx[K - 1 - k], out_idx[K - 1 - k] = o, i  # offset K-1-k = -offset k
-    return KernelMap(in_idx, out_idx, kernel_offsets(kernel_size, dev), M, M, coords, coords)
-
-# %% ../nbs/04_sparse.ipynb #bb731999
-def downsample(coords: torch.Tensor, stride: int = 2) -> tuple[torch.Tensor, KernelMap]:
-    "Coarse coords (unique floor(c / stride) per scene, sorted by (b, x, y, z)) and the kernel-`stride` map to them."
-    coords = _check_coords(coords)
-    if stride != 2:
-        raise MSMError(f"downsample supports stride 2 (kernel 2), got {stride}")
-    dev = coords.device
-    parent_xyz = torch.div(coords[:, 1:], 2, rounding_mode="floor")
-    pc = torch.cat([coords[:, :1], parent_xyz], 1)  # (M, 4) parent of every fine voxel
-    K = 8
-    if len(coords) == 0:
-        e = torch.zeros(0, dtype=torch.int64, device=dev)
-        return pc, KernelMap([e] * K, [e] * K, kernel_offsets(2, dev), 0, 0, coords, pc, "down", e)
-    lo, span = _box(pc)
-    ukeys, parent = torch.unique(_keys(pc, lo, span), return_inverse=True)  # sorted keys = (b, x, y, z) order
-    rest = ukeys
-    cols = []
-    for s in (span[3], span[2], span[1]):
-        cols.append(rest % s)
-        rest = torch.div(rest, s, rounding_mode="floor")
-    out_coords = (torch.stack([rest] + cols[::-1], 1) + torch.tensor(lo, device=dev)).int()  # (M_coarse, 4)
-    odd = (coords[:, 1:] - 2 * parent_xyz).long()  # (M, 3) in {0, 1}
-    k_of = odd[:, 0] * 4 + odd[:, 1] * 2 + odd[:, 2]  # z fastest, as kernel_offsets(2)
-    order = torch.sort(k_of * len(ukeys) + parent).indices  # by offset, then coarse row
-    in_idx = list(torch.split(order, torch.bincount(k_of, minlength=K).tolist()))
-    out_idx = [_take(parent, i) for i in in_idx]
-    km = KernelMap(in_idx, out_idx, kernel_offsets(2, dev), len(coords), len(out_coords), coords, out_coords,
-                   "down", parent)
-    return out_coords, km
-
-# %% ../nbs/04_sparse.ipynb #fb38420b
-_BLOCK_PAIRS = 16384  # pairs per block on CPU: buffers of 16k x C floats stay in cache
-_BLOCK_PAIRS_CUDA = 1 << 20  # on GPUs few large blocks (each block costs kernel launches)
-
-
-@dataclass
-class _Plan:
-    "Pairs of a map in execution order: blocks of consecutive destination rows; in a block by (offset, destination)."
-    src: torch.Tensor  # (P,) int32 source rows, execution order
-    dst: torch.Tensor  # (P,) int32 destination rows, execution order
-    blocks: list  # (e0, e1, r0, r1, [(k, s, e)], bag_idx int32 (e1 - e0,), bag_off int32 (r1 - r0,))
-    covers: bool  # every destination row has at least one pair
-    single: bool  # every destination row has exactly one pair (no sum needed)
-
-
-def _build_plan(src_list, dst_list, n_dst: int, skip: int | None = None) -> _Plan:
-    "The execution plan of `out[dst] += feats[src] @ kernel[k]` over per-offset pair lists (offset `skip` left out)."
-    ks = [k for k in range(len(src_list)) if k != skip and len(src_list[k])]
-    dev = src_list[0].device
-    if not ks or n_dst == 0:
-        e = torch.zeros(0, dtype=torch.int32, device=dev)
-        return _Plan(e, e, [], n_dst == 0, False)
-    lens = torch.tensor([len(src_list[k]) for k in ks], device=dev)
-    nk, P = len(ks), int(lens.sum())
-    src, dst = torch.cat([src_list[k] for k in ks]), torch.cat([dst_list[k] for k in ks])  # (P,) offset-major
-    kk = torch.repeat_interleave(torch.arange(nk, device=dev), lens)  # (P,) offset slot of every pair
-    count = torch.bincount(dst, minlength=n_dst)  # (n_dst,) pairs per destination row
-    row_start = count.cumsum(0) - count  # first pair of each row in (destination, offset) order
-    block_of_row = torch.div(row_start, _BLOCK_PAIRS if dev.type == "cpu" else _BLOCK_PAIRS_CUDA, rounding_mode="floor")
-    nb = int(block_of_row[-1]) + 1
-    r_bounds = torch.searchsorted(block_of_row, torch.arange(nb + 1, device=dev)).tolist()
-    group = _take(block_of_row, dst) * nk + kk  # (P,) (block, offset) of every pair
-    gcount = torch.bincount(group, minlength=nb * nk)
-    gstart = gcount.cumsum(0) - gcount  # where each (block, offset) group starts in execution order
-    if all(bool((dst_list[k][1:] > dst_list[k][:-1]).all()) for k in ks):  # lists sorted by destination
-        gk = gcount.view(nb, nk)
-        first = ((gk.cumsum(0) - gk) + (lens.cumsum(0) - lens)).view(-1)  # first pair of each group in the lists
-        pos_e = _take(gstart - first, group) + torch.arange(P, device=dev)
-    else:
-        pos_e = torch.empty(P, dtype=torch.int64, device=dev)
-        pos_e.scatter_(0, torch.argsort(group * n_dst + dst), torch.arange(P, device=dev))
-    src_e = torch.empty(P, dtype=torch.int32, device=dev).scatter_(0, pos_e, src.int())
-    dst_e = torch.empty(P, dtype=torch.int32, device=dev).scatter_(0, pos_e, dst.int())
-    pos_b, cursor, s = torch.empty_like(pos_e), row_start.clone(), 0  # position in (destination, offset) order
-    for k, n in zip(ks, lens.tolist()):
-        p = _take(cursor, dst_list[k])
-        pos_b[s:s + n] = p
-        cursor.scatter_(0, dst_list[k], p + 1)
-        s += n
-    bag = torch.empty_like(pos_e).scatter_(0, pos_b, pos_e)  # execution position of the pairs of each row
-    gl, bounds = gcount.view(nb, nk).tolist(), gstart.view(nb, nk)[:, 0].tolist() + [P]
-    blocks = []
-    for b in range(nb):
-        e0, e1, r0, r1 = bounds[b], bounds[b + 1], r_bounds[b], r_bounds[b + 1]
-        segs, s = [], 0
-        for j, n in enumerate(gl[b]):
-            if n:
-                segs.append((ks[j], s, s + n))
-                s += n
-        blocks.append((e0, e1, r0, r1, segs, (bag[e0:e1] - e0).int(), (row_start[r0:r1] - e0).int()))
-    cmin, cmax = int(count.min()), int(count.max())
-    return _Plan(src_e, dst_e, blocks, cmin >= 1, cmin == cmax == 1)
-
-
-def _get_plan(kmap: KernelMap, transposed: bool) -> _Plan:
-    "The (cached) plan of a map run forward (in -> out) or transposed (out -> in)."
-    if transposed not in kmap._plans:
-        src, dst, n = (kmap.out_idx, kmap.in_idx, kmap.n_in) if transposed else (kmap.in_idx, kmap.out_idx, kmap.n_out)
-        kmap._plans[transposed] = _build_plan(src, dst, n, kmap.center)
-    return kmap._plans[transposed]
-
-
-def _run(plan: _Plan, feats, kernel, out, fresh: bool = False):
-    "out[r] (+)= sum over the pairs of row r of feats[src] @ kernel[k], block by block; `fresh`: out is uninitialised."
-    if not plan.blocks:
-        return out.zero_() if fresh else out
-    pmax = max(b[1] - b[0] for b in plan.blocks)
-    gbuf, ybuf = feats.new_empty(pmax, feats.shape[1]), feats.new_empty(pmax, kernel.shape[2])
-    for e0, e1, r0, r1, segs, bag_idx, bag_off in plan.blocks:
-        g = torch.index_select(feats, 0, plan.src[e0:e1], out=gbuf[:e1 - e0])  # (n, C_in) gathered rows
-        y = ybuf[:e1 - e0]
-        for k, s, e in segs:
-            torch.mm(g[s:e], kernel[k], out=y[s:e])  # (n_k, C_out) one matmul per offset
-        if plan.single and fresh:
-            torch.index_select(y, 0, bag_idx, out=out[r0:r1])
-        elif plan.single:
-            out[r0:r1] += y.index_select(0, bag_idx)
-        elif fresh:
-            out[r0:r1] = F.embedding_bag(bag_idx, y, bag_off, mode="sum")  # (r1 - r0, C_out) gather + sum
-        else:
-            out[r0:r1] += F.embedding_bag(bag_idx, y, bag_off, mode="sum")
-    return out
-
-
-def _grad_kernel(plan: _Plan, feats, grad_out, grad_kernel):
-    "grad_kernel[k] += feats[src]^T @ grad_out[dst] over the plan's pairs (in place)."
-    if not plan.blocks:
-        return grad_kernel
-    pmax = max(b[1] - b[0] for b in plan.blocks)
-    gbuf, hbuf = feats.new_empty(pmax, feats.shape[1]), feats.new_empty(pmax, grad_out.shape[1])
-    for e0, e1, _, _, segs, _, _ in plan.blocks:
-        g = torch.index_select(feats, 0, plan.src[e0:e1], out=gbuf[:e1 - e0])
-        h = torch.index_select(grad_out, 0, plan.dst[e0:e1], out=hbuf[:e1 - e0])
-        for k, s, e in segs:
-            grad_kernel[k].addmm_(g[s:e].t(), h[s:e])
-    return grad_kernel
-
-
-def _conv(kmap: KernelMap, transposed: bool, feats, kernel):
-    "Forward sum of a map (plan executed block by block; the identity offset as one matmul)."
-    plan, c = _get_plan(kmap, transposed), kmap.center
-    n_out = kmap.n_in if transposed else kmap.n_out
-    if c is not None:
-        return _run(plan, feats, kernel, torch.mm(feats, kernel[c]))
-    if plan.covers:
-        return _run(plan, feats, kernel, feats.new_empty(n_out, kernel.shape[2]), fresh=True)
-    return _run(plan, feats, kernel, feats.new_zeros(n_out, kernel.shape[2]))
-
-
-class _SparseConvFunction(torch.autograd.Function):
-    "Sparse convolution over a kernel map; saves feats, kernel and the map only (gathers are recomputed in backward)."
-
-    @staticmethod
-    def forward(ctx, feats, kernel, bias, kmap, transposed):
-        feats, kernel = feats.contiguous(), kernel.contiguous()
-        with torch.autocast(feats.device.type, enabled=False):  # inputs arrive in the compute dtype
-            out = _conv(kmap, transposed, feats, kernel)  # (n_out, C_out)
-        if bias is not None:
-            out += bias
-        ctx.save_for_backward(feats, kernel)
-        ctx.kmap, ctx.transposed, ctx.has_bias = kmap, transposed, bias is not None
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        feats, kernel = ctx.saved_tensors
-        grad_out = grad_out.contiguous().to(feats.dtype)
-        with torch.autocast(feats.device.type, enabled=False):
-            return _conv_backward(ctx.needs_input_grad, ctx.has_bias, feats, kernel, ctx.kmap, ctx.transposed, grad_out)
-
-
-def _conv_backward(needs, has_bias, feats, kernel, kmap, transposed, grad_out):
-    "Gradients of feats, kernel and bias (None where not needed); gathers recomputed block by block."
-    c, grad_feats, grad_kernel, grad_bias = kmap.center, None, None, None
-    if needs[0]:
-        if c is not None:  # submanifold: offset K-1-k undoes offset k, so reuse the forward plan
-            grad_feats = _run(_get_plan(kmap, False), grad_out, kernel.flip(0).transpose(1, 2),
-                              torch.mm(grad_out, kernel[c].t()))
-        else:  # the map run the other way, with transposed weights
-            grad_feats = _conv(kmap, not transposed, grad_out, kernel.transpose(1, 2))
-    if needs[1]:
-        grad_kernel = torch.zeros_like(kernel)
-        if c is not None:
-            torch.mm(feats.t(), grad_out, out=grad_kernel[c])
-        _grad_kernel(_get_plan(kmap, transposed), feats, grad_out, grad_kernel)
-    if has_bias and needs[2]:
-        grad_bias = grad_out.sum(0)
-    return grad_feats, grad_kernel, grad_bias, None, None
-
-
-def sparse_conv(feats, kernel, kmap: KernelMap, bias=None, transposed: bool = False) -> torch.Tensor:
-    "Features (n_out, C_out) of the convolution of feats (n_in, C_in) by kernel (K, C_in, C_out) over `kmap`."
-    dtype = _compute_dtype(feats)
-    bias = None if bias is None else bias.to(dtype)
-    return _SparseConvFunction.apply(feats.to(dtype), kernel.to(dtype), bias, kmap, transposed)
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    "Autocast's dtype when autocast is on for t's device type, else t's dtype."
-    try:
-        if torch.is_autocast_enabled(t.device.type):
-            return torch.get_autocast_dtype(t.device.type)
-    except TypeError:  # torch < 2.4: no per-device query
-        pass
-    return t.dtype
 
 # %% ../nbs/04_sparse.ipynb #91d5bd39
 _BACKEND = contextvars.ContextVar("msm_sparse_backend", default=None)
@@ -637,7 +262,7 @@ class Conv3d(nn.Module):
             raise MSMError(f"Conv3d expects a SparseTensor, got {type(x).__name__}")
         if x.feats.shape[1] != self.in_channels:
             raise MSMError(f"Conv3d: expected {self.in_channels} input channels, got {x.feats.shape[1]}")
-        dtype = _compute_dtype(x.feats)  # autocast's dtype under autocast, else the features'
+        dtype = compute_dtype(x.feats)  # autocast's dtype under autocast, else the features'
         kernel = self.kernel.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         if self.kernel_size == 1:
@@ -669,7 +294,7 @@ class Conv3d(nn.Module):
             if fine is None:
                 raise MSMError(f"no voxel set of stride {fine_stride} in the cache: pass target= (the finer tensor)")
         else:
-            fine = target.coords if isinstance(target, SparseTensor) else _check_coords(target, "target")
+            fine = target.coords if isinstance(target, SparseTensor) else check_coords(target, "target")
         km = x.cache.kmaps.get((fine_stride, 2, 2))
         if km is None or not _same(km.in_coords, fine):
             km = _down_map(fine)

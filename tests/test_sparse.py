@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import msm.kernel_maps
 import msm.sparse
 from msm.core import MSMError
 from msm.sparse import (
@@ -24,11 +25,7 @@ from msm.sparse import (
 
 def random_coords(n, batch=3, lo=-8, hi=8, shift=(0, 0, 0), seed=0):
     "n distinct random voxel coords int32 (n, 4) over `batch` scenes in [lo, hi)^3 + shift."
-    g = torch.Generator().manual_seed(seed)
-    c = torch.cat([torch.randint(0, batch, (4 * n, 1), generator=g), torch.randint(lo, hi, (4 * n, 3), generator=g)], 1)
-    c = torch.unique(c, dim=0)
-    c = c[torch.randperm(len(c), generator=g)[:n]]
-    return (c + torch.tensor([0, *shift])).int()
+    return msm.kernel_maps.random_coords(n, batch, lo, hi, seed) + torch.tensor([0, *shift], dtype=torch.int32)
 
 
 def dense_weight(kernel, ks, transposed=False):
@@ -152,7 +149,7 @@ def reference_conv(feats, kernel, km, transposed=False):
 @pytest.mark.parametrize("block", [37, 1000, 16384])
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])
 def test_blocked_engine_matches_reference(block, order, device, monkeypatch):
-    monkeypatch.setattr(msm.sparse, "_BLOCK_PAIRS", block)
+    monkeypatch.setattr(msm.kernel_maps, "_BLOCK_PAIRS", block)
     cc = random_coords(800, lo=-7, hi=7, seed=16).to(device)
     if order == "sorted":
         cc = torch.unique(cc, dim=0).int()

@@ -17,10 +17,11 @@ import torch
 
 from msm.data import load_scene
 from msm.hunet import HUNet, HUNetConfig
+from msm.kernel_maps import KernelMap, kernel_map, kernel_offsets, random_coords, sparse_conv
 from msm.masking import MaskConfig, level_mask_ratios, level_masks, patch_mask, random_voxel_mask
 from msm.objective import MaskedSceneModel, ObjectiveConfig, PairSampler, collate_pairs, feature_loss
 from msm.probe import sample_features
-from msm.sparse import Conv3d, KernelMap, SparseTensor, kernel_map, kernel_offsets, sparse_conv
+from msm.sparse import Conv3d, SparseTensor
 from msm.transforms import default_pretrain_transform
 from msm.voxelize import collate, voxelize_scene
 
@@ -58,14 +59,6 @@ def _sample_rooms(names=("room_0000", "room_0001"), split="train") -> list:
     if not (DATA / split).is_dir():
         raise FileNotFoundError(f"{DATA}: the sample rooms are missing (the checks need the repository checkout)")
     return [load_scene(DATA / split / n) for n in names]
-
-
-def _random_coords(n: int, batch: int = 2, lo: int = -6, hi: int = 6, seed: int = 0) -> torch.Tensor:
-    "n distinct random voxel coords int32 (n, 4) over `batch` scenes inside [lo, hi)^3 (negative ones included)."
-    g = torch.Generator().manual_seed(seed)
-    c = torch.cat([torch.randint(0, batch, (4 * n, 1), generator=g), torch.randint(lo, hi, (4 * n, 3), generator=g)], 1)
-    c = torch.unique(c, dim=0)
-    return c[torch.randperm(len(c), generator=g)[:n]].int()
 
 
 def room_coords(voxel_size: float = 0.04, names=("room_0000", "room_0001")) -> torch.Tensor:
@@ -111,8 +104,8 @@ def _check_map_format(res, K: int, M: int, where: str):
 def check_kernel_map(build_kernel_map) -> dict:
     """Exercise 1: `build_kernel_map(coords, kernel_size)` gives, offset by offset, the pairs of `msm.sparse.kernel_map`,
     and a sparse convolution over that map equals `msm.sparse.Conv3d`."""
-    cases = {"toy 2D (the picture of 04_sparse)": (toy_coords(), 3), "random, 2 scenes, kernel 3": (_random_coords(300), 3),
-             "random, 2 scenes, kernel 5": (_random_coords(300, seed=1), 5), "two sample rooms at 4 cm": (room_coords(), 3)}
+    cases = {"toy 2D (the picture of 03a_kernel_maps)": (toy_coords(), 3), "random, 2 scenes, kernel 3": (random_coords(300), 3),
+             "random, 2 scenes, kernel 5": (random_coords(300, seed=1), 5), "two sample rooms at 4 cm": (room_coords(), 3)}
     offsets, n_pairs = None, 0
     for name, (coords, ks) in cases.items():
         K, M = ks**3, len(coords)
@@ -142,7 +135,7 @@ def check_kernel_map(build_kernel_map) -> dict:
 
 
 def toy_coords() -> torch.Tensor:
-    "The 8 voxels of the 2D picture in 04_sparse (z = 0, one scene)."
+    "The 8 voxels of the 2D picture in 03a_kernel_maps (z = 0, one scene)."
     pts = torch.tensor([[0, 0], [1, 0], [2, 0], [2, 1], [3, 1], [1, 2], [2, 2], [0, 3]])
     z = torch.zeros(len(pts), 1, dtype=torch.long)
     return torch.cat([z, pts, z], 1).int()
@@ -152,7 +145,7 @@ def toy_coords() -> torch.Tensor:
 def check_coarse_mask(coarse_mask) -> dict:
     """Exercise 2a: `coarse_mask(coords, mask, level)` gives the voxels of `level` and their mask as
     `msm.masking.level_masks` does (any row order)."""
-    coords = _random_coords(600, lo=-9, hi=9)
+    coords = random_coords(600, lo=-9, hi=9)
     cases = {"patch mask (2-voxel patches)": patch_mask(coords, 2, 0.5, torch.Generator().manual_seed(0)),
              "patch mask (4-voxel patches)": patch_mask(coords, 4, 0.4, torch.Generator().manual_seed(1)),
              "single voxels, ratio 0.9": random_voxel_mask(coords, 0.9, torch.Generator().manual_seed(2))}
