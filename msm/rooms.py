@@ -13,222 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .core import ConfigBase, MSMError
-from .data import SCANNET20_CLASSES
+from .furniture import FURNITURE, PALETTE, Surfaces
+from .furniture import SCANNET20_ID as _C
+from .furniture import uniform as _u
 
 # %% auto #0
 __all__ = ['RoomConfig', 'synthetic_room']
-
-# %% ../nbs/01a_rooms.ipynb #d228884c
-_PALETTE = np.float32([[236, 234, 228], [214, 205, 188], [187, 187, 183], [128, 126, 122], [74, 72, 70],
-                       [38, 37, 40], [201, 178, 146], [178, 136, 92], [138, 98, 62], [92, 62, 42], [128, 62, 52],
-                       [54, 64, 98], [64, 108, 110], [112, 112, 74], [188, 158, 76], [112, 132, 160],
-                       [186, 146, 146]])  # shared by every class
-_C = {name: i for i, name in enumerate(SCANNET20_CLASSES)}
-
-
-def _u(rng, lo, hi) -> float:
-    return float(rng.uniform(lo, hi))
-
-
-class _Surfaces:
-    "The room's rectangles: origin o, edges u, v (normal u x v), label, instance, colour, texture, density, wave."
-
-    def __init__(self):
-        self.rows, self.holes = [], []
-
-    def quad(self, o, u, v, label, inst, color, tex=0, amp=0.0, dens=1.0, wave=(0.0, 1.0)):
-        self.rows.append([*o, *u, *v, *color, label, inst, tex, amp, dens, *wave])
-        return len(self.rows) - 1
-
-    def box(self, c, half, yaw, label, inst, color, tex=0, amp=0.0, skip=()):
-        "An oriented box (centre c, half sizes, rotation yaw about z) with outward normals; `skip` names faces ('-z')."
-        ca, sa = np.cos(yaw), np.sin(yaw)
-        E = np.array([[ca, sa, 0.0], [-sa, ca, 0.0], [0.0, 0.0, 1.0]]) * np.asarray(half, float)[:, None]
-        for a in range(3):
-            b, k = (a + 1) % 3, (a + 2) % 3
-            for sgn in (1, -1):
-                if ("+" if sgn > 0 else "-") + "xyz"[a] not in skip:
-                    u, v = (2 * E[b], 2 * E[k]) if sgn > 0 else (2 * E[k], 2 * E[b])
-                    self.quad(np.asarray(c) + sgn * E[a] - E[b] - E[k], u, v, label, inst, color, tex, amp)
-
-# %% ../nbs/01a_rooms.ipynb #823c88a6
-def _legs(w, d, z1, s, inset, label, slot=1):
-    "Four legs of side s, inset from the corners of a w x d footprint, from the floor to z1."
-    return [(x, x + s, y, y + s, 0.0, z1, slot, label) for x in (-w / 2 + inset, w / 2 - inset - s)
-            for y in (-d / 2 + inset, d / 2 - inset - s)]
-
-
-def _fronts(x0, x1, yf, z0, z1, n, label, slot, drawers=False):
-    "n door (or drawer) panels 1.8 cm proud of the front plane y = yf, each with a small handle."
-    out, g = [], 0.006
-    for i in range(n):
-        if drawers:
-            a0, a1, b0, b1 = x0 + g, x1 - g, z0 + (z1 - z0) * i / n + g, z0 + (z1 - z0) * (i + 1) / n - g
-            hx, hz, hw, hh = (a0 + a1) / 2, b1 - 0.05, 0.06, 0.01
-        else:
-            a0, a1, b0, b1 = x0 + (x1 - x0) * i / n + g, x0 + (x1 - x0) * (i + 1) / n - g, z0 + g, z1 - g
-            hx, hz, hw, hh = (a1 - 0.04 if i % 2 == 0 else a0 + 0.04), min(b1 - 0.15, z0 + 0.9), 0.01, 0.06
-        out += [(a0, a1, yf - 0.018, yf, b0, b1, slot, label),
-                (hx - hw, hx + hw, yf - 0.04, yf - 0.018, hz - hh, hz + hh, 2, label)]
-    return out
-
-
-def _table(rng, label=_C["table"]):
-    coffee = rng.random() < 0.2
-    w = _u(rng, 0.8, 1.3) if coffee else _u(rng, 0.8, 2.2)
-    d, t = min(w, _u(rng, 0.55, 1.1)), _u(rng, 0.025, 0.05)
-    h = _u(rng, 0.38, 0.5) if coffee else _u(rng, 0.68, 0.78)
-    bx, style = [(-w / 2, w / 2, -d / 2, d / 2, h - t, h, 0, label)], rng.integers(3 if w < 1.3 else 2)
-    if style == 0:
-        bx += _legs(w, d, h - t, _u(rng, 0.035, 0.08), _u(rng, 0.0, 0.12), label)
-    elif style == 1:  # trestle: two end panels and a stretcher
-        e, p = _u(rng, 0.05, 0.2), _u(rng, 0.03, 0.06)
-        bx += [(x, x + p, -d / 2 + 0.08, d / 2 - 0.08, 0, h - t, 1, label) for x in (-w / 2 + e, w / 2 - e - p)]
-        bx.append((-w / 2 + e, w / 2 - e, -0.03, 0.03, 0.12, 0.22, 1, label))
-    else:  # pedestal
-        r, b = _u(rng, 0.04, 0.08), min(w, d) * 0.3
-        bx += [(-r, r, -r, r, 0.03, h - t, 1, label), (-b, b, -b, b, 0, 0.03, 1, label)]
-    return bx
-
-
-def _desk(rng):
-    L = _C["desk"]
-    w, d, h, t, p = _u(rng, 1.0, 1.8), _u(rng, 0.5, 0.8), _u(rng, 0.68, 0.78), _u(rng, 0.02, 0.04), _u(rng, 0.02, 0.04)
-    m, back = _u(rng, 0.25, 0.5), d / 2 - _u(rng, 0.0, 0.08)
-    bx = [(-w / 2, w / 2, -d / 2, d / 2, h - t, h, 0, L), (-w / 2, w / 2, back - p, back, h - t - m, h - t, 1, L)]
-    style = rng.integers(3)
-    if style == 2:
-        return bx + _legs(w, d, h - t, _u(rng, 0.03, 0.06), 0.0, L)
-    bx += [(x, x + p, -d / 2 + 0.02, d / 2, 0, h - t, 1, L) for x in (-w / 2, w / 2 - p)]  # side panels
-    if style == 1:  # a drawer pedestal on one side
-        q, x0 = _u(rng, 0.35, 0.45), (-w / 2 + p if rng.random() < 0.5 else w / 2 - p - _u(rng, 0.35, 0.45))
-        bx.append((x0, x0 + q, -d / 2 + 0.04, back, 0, h - t, 0, L))
-        bx += _fronts(x0, x0 + q, -d / 2 + 0.04, 0.05, h - t, 3, L, 1, drawers=True)
-    return bx
-
-
-def _counter(rng):
-    "A kitchen run: base cabinets (cabinet) under a counter top (counter), sometimes wall cabinets above."
-    w, d, h, t = _u(rng, 1.2, 3.0), _u(rng, 0.55, 0.66), _u(rng, 0.86, 0.94), _u(rng, 0.03, 0.05)
-    k, cab = _u(rng, 0.08, 0.12), _C["cabinet"]
-    bx = [(-w / 2, w / 2, -d / 2, d / 2, h - t, h, 0, _C["counter"]), (-w / 2, w / 2, -d / 2 + 0.08, d / 2, 0, k, 2, cab),
-          (-w / 2, w / 2, -d / 2 + 0.03, d / 2, k, h - t, 1, cab)]
-    bx += _fronts(-w / 2, w / 2, -d / 2 + 0.03, k, h - t, max(1, round(w / 0.55)), cab, 1)
-    if rng.random() < 0.6:
-        z0, z1, dd = _u(rng, 1.4, 1.55), _u(rng, 2.0, 2.25), _u(rng, 0.3, 0.36)
-        bx.append((-w / 2, w / 2, d / 2 - dd, d / 2, z0, z1, 1, cab))
-        bx += _fronts(-w / 2, w / 2, d / 2 - dd, z0, z1, max(1, round(w / 0.55)), cab, 1)
-    return bx
-
-
-def _cabinet(rng):
-    w, d, h, k, L = _u(rng, 0.4, 1.6), _u(rng, 0.35, 0.65), _u(rng, 0.45, 2.1), _u(rng, 0.0, 0.1), _C["cabinet"]
-    bx = [(-w / 2, w / 2, -d / 2 + 0.02, d / 2, k, h, 0, L)]
-    if k > 0.02:
-        bx.append((-w / 2 + 0.02, w / 2 - 0.02, -d / 2 + 0.06, d / 2, 0, k, 2, L))
-    drawers = h < 1.2 and rng.random() < 0.35
-    n = int(np.clip(round(h / 0.22), 2, 5)) if drawers else int(np.clip(round(w / 0.5), 1, 4))
-    return bx + _fronts(-w / 2, w / 2, -d / 2 + 0.02, k, h, n, L, int(rng.random() < 0.4), drawers)
-
-
-def _bookshelf(rng):
-    w, d, h, t, L = _u(rng, 0.6, 1.4), _u(rng, 0.25, 0.42), _u(rng, 0.8, 2.1), _u(rng, 0.018, 0.03), _C["bookshelf"]
-    k, bk = _u(rng, 0.04, 0.1), d / 2 - 0.012
-    bx = [(-w / 2, -w / 2 + t, -d / 2, d / 2, 0, h, 0, L), (w / 2 - t, w / 2, -d / 2, d / 2, 0, h, 0, L),
-          (-w / 2 + t, w / 2 - t, -d / 2, d / 2, h - t, h, 0, L), (-w / 2 + t, w / 2 - t, bk, d / 2, k, h - t, 1, L),
-          (-w / 2 + t, w / 2 - t, -d / 2, -d / 2 + t, 0, k, 0, L)]
-    n = max(1, round((h - k) / _u(rng, 0.28, 0.4)))
-    gap = (h - t - k) / n - t
-    for z in k + (h - t - k) * np.arange(n) / n:  # shelf boards, each with some runs of books
-        bx.append((-w / 2 + t, w / 2 - t, -d / 2, bk, z, z + t, 0, L))
-        x = -w / 2 + t
-        while x < w / 2 - t - 0.05:
-            bw = _u(rng, 0.06, 0.35)
-            if rng.random() < 0.6:
-                bx.append((x, min(x + bw, w / 2 - t), bk - (bk + d / 2) * _u(rng, 0.6, 0.95), bk, z + t,
-                           z + t + gap * _u(rng, 0.5, 0.9), -1, L))
-            x += bw
-    return bx
-
-
-def _chair(rng):
-    w, d, hs, L = _u(rng, 0.42, 0.56), _u(rng, 0.42, 0.52), _u(rng, 0.42, 0.5), _C["chair"]
-    st, hb, bt = _u(rng, 0.03, 0.08), _u(rng, 0.3, 0.5), _u(rng, 0.02, 0.08)
-    bx = [(-w / 2, w / 2, -d / 2, d / 2, hs - st, hs, 0, L), (-w / 2, w / 2, d / 2 - bt, d / 2, hs, hs + hb, 0, L)]
-    style = rng.integers(3)
-    if style == 0:
-        bx += _legs(w, d, hs - st, _u(rng, 0.025, 0.04), 0.0, L)
-    elif style == 1:  # office chair: a column on a cross base
-        bx += [(-0.03, 0.03, -0.03, 0.03, 0.08, hs - st, 1, L), (-0.3, 0.3, -0.03, 0.03, 0.03, 0.08, 1, L),
-               (-0.03, 0.03, -0.3, 0.3, 0.03, 0.08, 1, L)]
-    else:  # upholstered: a solid base
-        bx.append((-w / 2 + 0.02, w / 2 - 0.02, -d / 2 + 0.02, d / 2 - 0.02, 0, hs - st, 1, L))
-    if rng.random() < 0.35:  # armrests
-        a, za = _u(rng, 0.04, 0.08), hs + _u(rng, 0.18, 0.25)
-        bx += [(x, x + a, -d / 2 + 0.05, d / 2, hs - st, za, 1, L) for x in (-w / 2 - a, w / 2)]
-    return bx
-
-
-def _sofa(rng):
-    L = _C["sofa"]
-    w = _u(rng, 0.75, 1.0) if rng.random() < 0.2 else _u(rng, 1.3, 2.4)  # armchair or sofa
-    d, hs, hb, ah = _u(rng, 0.75, 1.0), _u(rng, 0.38, 0.48), _u(rng, 0.7, 0.95), _u(rng, 0.5, 0.7)
-    aw, bd, ct = _u(rng, 0.08, 0.25), _u(rng, 0.15, 0.28), _u(rng, 0.08, 0.15)
-    lg = _u(rng, 0.05, 0.12) if rng.random() < 0.5 else 0.0
-    bx = [(-w / 2, w / 2, -d / 2, d / 2, lg, hs - ct, 0, L), (-w / 2, w / 2, d / 2 - bd, d / 2, hs - ct, hb, 0, L),
-          (-w / 2, -w / 2 + aw, -d / 2, d / 2 - bd, hs - ct, ah, 0, L), (w / 2 - aw, w / 2, -d / 2, d / 2 - bd, hs - ct, ah, 0, L)]
-    if lg > 0:
-        bx += _legs(w, d, lg, 0.05, 0.03, L)
-    xs, slot = np.linspace(-w / 2 + aw, w / 2 - aw, max(1, round((w - 2 * aw) / 0.6)) + 1), int(rng.random() < 0.3)
-    back_cushions = rng.random() < 0.6
-    for a, b in zip(xs[:-1], xs[1:]):
-        bx.append((a + 0.005, b - 0.005, -d / 2 + 0.02, d / 2 - bd, hs - ct, hs, slot, L))
-        if back_cushions:
-            bx.append((a + 0.005, b - 0.005, d / 2 - bd - ct, d / 2 - bd, hs, hb - 0.06, slot, L))
-    return bx
-
-
-def _bed(rng):
-    L = _C["bed"]
-    w, ln = (_u(rng, 0.9, 1.2) if rng.random() < 0.4 else _u(rng, 1.35, 1.8)), _u(rng, 1.9, 2.15)
-    h0, ht = _u(rng, 0.12, 0.35), _u(rng, 0.04, 0.1)
-    top = h0 + _u(rng, 0.15, 0.3)  # mattress top
-    bx = [(-w / 2, w / 2, -ln / 2, ln / 2, 0, h0, 0, L), (-w / 2 + 0.02, w / 2 - 0.02, -ln / 2 + 0.02, ln / 2 - 0.02, h0, top, 1, L),
-          (-w / 2, w / 2, ln / 2, ln / 2 + ht, 0, _u(rng, 0.8, 1.2), 0, L)]  # frame, mattress, headboard
-    if rng.random() < 0.3:
-        bx.append((-w / 2, w / 2, -ln / 2 - ht, -ln / 2, 0, top + _u(rng, 0.05, 0.25), 0, L))
-    b1, dr = ln / 2 - _u(rng, 0.4, 0.6), _u(rng, 0.1, 0.25)  # blanket over the foot end, hanging down the sides
-    bx += [(-w / 2 - 0.01, w / 2 + 0.01, -ln / 2 - 0.01, b1, top, top + 0.03, 2, L),
-           (-w / 2 - 0.03, -w / 2 - 0.01, -ln / 2 - 0.01, b1, top - dr, top + 0.03, 2, L),
-           (w / 2 + 0.01, w / 2 + 0.03, -ln / 2 - 0.01, b1, top - dr, top + 0.03, 2, L)]
-    n = 1 if w < 1.2 else 2
-    return bx + [(-w / 2 + 0.08 + i * (w - 0.16) / n, -w / 2 + 0.03 + (i + 1) * (w - 0.16) / n, ln / 2 - 0.42,
-                  ln / 2 - 0.07, top, top + 0.12, 2, L) for i in range(n)]
-
-
-def _other(rng, kind=None):
-    "otherfurniture: nightstand, side table, stool, bin or floor lamp."
-    L, kind = _C["otherfurniture"], rng.integers(5) if kind is None else kind
-    w, d = _u(rng, 0.35, 0.55), _u(rng, 0.35, 0.5)
-    if kind == 0:
-        h = _u(rng, 0.4, 0.65)
-        return [(-w / 2, w / 2, -d / 2 + 0.02, d / 2, 0, h, 0, L)] + _fronts(-w / 2, w / 2, -d / 2 + 0.02, 0.02, h, 2, L, 1, True)
-    if kind in (1, 2):  # side table / stool
-        h, t = (_u(rng, 0.45, 0.65), 0.03) if kind == 1 else (_u(rng, 0.45, 0.75), 0.05)
-        w = d = w if kind == 1 else _u(rng, 0.3, 0.4)
-        return [(-w / 2, w / 2, -d / 2, d / 2, h - t, h, 0, L)] + _legs(w, d, h - t, 0.03, 0.02, L)
-    if kind == 3:  # an open bin: four walls and a bottom
-        h, e = _u(rng, 0.3, 0.7), 0.01
-        return [(-w / 2, w / 2, -d / 2, -d / 2 + e, 0, h, 0, L), (-w / 2, w / 2, d / 2 - e, d / 2, 0, h, 0, L),
-                (-w / 2, -w / 2 + e, -d / 2, d / 2, 0, h, 0, L), (w / 2 - e, w / 2, -d / 2, d / 2, 0, h, 0, L),
-                (-w / 2, w / 2, -d / 2, d / 2, 0, 0.02, 0, L)]
-    h, s = _u(rng, 1.4, 1.7), _u(rng, 0.15, 0.22)
-    return [(-0.15, 0.15, -0.15, 0.15, 0, 0.03, 1, L), (-0.015, 0.015, -0.015, 0.015, 0.03, h - 0.3, 1, L),
-            (-s, s, -s, s, h - 0.3, h, 0, L)]
-
-
-_BUILDERS = {"table": _table, "desk": _desk, "counter": _counter, "cabinet": _cabinet, "bookshelf": _bookshelf,
-             "chair": _chair, "sofa": _sofa, "bed": _bed, "other": _other}
 
 # %% ../nbs/01a_rooms.ipynb #8f471a34
 class _Floor:
@@ -338,7 +128,7 @@ def _build_room(rng, cfg, S) -> dict:
         cw, cd = W * _u(rng, 0.3, 0.55), D * _u(rng, 0.3, 0.55)
         poly, rects = [(0, 0), (W, 0), (W, D - cd), (W - cw, D - cd), (W - cw, D), (0, D)], [(0, 0, W, D - cd), (0, D - cd, W - cw, D)]
     room = {"H": H, "W": W, "D": D, "rects": rects, "fl": _Floor(rects), "walls": [],
-            "pal": lambda: _PALETTE[rng.integers(len(_PALETTE))] + rng.normal(0, 6, 3)}
+            "pal": lambda: PALETTE[rng.integers(len(PALETTE))] + rng.normal(0, 6, 3)}
     room["inst"] = iter(range(10**6))
     fi, fcol, ftex, famp = next(room["inst"]), room["pal"](), rng.integers(4), _u(rng, 0.05, 0.25)
     for x0, y0, x1, y1 in rects:
@@ -430,7 +220,7 @@ def _in_open(rng, room, bx, k, pos=None, yaw=None, ok=(), tries=30):
 
 def _chair_facing(rng, S, room, at, facing, k, ok):
     "A chair at `at` (world xy) turned towards `facing` (unit xy), give or take; True if it fitted."
-    bx = _chair(rng)
+    bx = FURNITURE["chair"](rng)
     yaw = np.arctan2(facing[0], -facing[1]) + rng.normal(0, 0.12) + (rng.random() < 0.15) * _u(rng, -1.0, 1.0)
     res = _in_open(rng, room, bx, k, pos=np.asarray(at, float), yaw=yaw, ok=ok)
     if res is not None:
@@ -447,7 +237,7 @@ def _furnish(rng, cfg, S, room):
     plan.sort(key=lambda p: _ORDER.index(p[0]))
     tops, k = [], 0
     for name, where in plan:
-        bx, k = _BUILDERS[name](rng), k + 1
+        bx, k = FURNITURE[name](rng), k + 1
         obj = k
         wall = where == "wall" or (where == "any" and rng.random() < 0.7)
         res = _on_wall(rng, room, bx, k) if wall else _in_open(rng, room, bx, k)
@@ -473,7 +263,7 @@ def _furnish(rng, cfg, S, room):
         if name == "bed" and wall:
             for _ in range(2):
                 if rng.random() < 0.7:
-                    nb, k = _other(rng, 0), k + 1
+                    nb, k = FURNITURE["other"](rng, 0), k + 1
                     got = _on_wall(rng, room, nb, k, near=res[2:])
                     if got:
                         _put(S, room, rng, nb, *got[:2])
@@ -638,7 +428,7 @@ def synthetic_room(seed: int = 0, **options) -> dict:
         raise MSMError(f"synthetic_room options: unknown room type(s) {unknown} (choose from {', '.join(_PROGRAMS)})")
     if cfg.n_points < 1:
         raise MSMError(f"synthetic_room options: n_points must be >= 1, got {cfg.n_points}")
-    rng, S = np.random.default_rng(seed), _Surfaces()
+    rng, S = np.random.default_rng(seed), Surfaces()
     room = _build_room(rng, cfg, S)
     _furnish(rng, cfg, S, room)
     return _scan(rng, cfg, S, room)
