@@ -166,11 +166,8 @@ def _cmd_probe(a):
     from msm.probe import ProbeConfig, run_probe
     seed_everything(a.seed)
     if a.random_init:
-        from msm.hunet import HUNet, HUNetConfig
-        presets = {"tiny": HUNetConfig.tiny, "ablation": HUNetConfig.ablation, "paper": HUNetConfig.paper}
-        if a.preset not in presets:
-            raise MSMError(f"unknown preset '{a.preset}' (choose from {', '.join(presets)})")
-        model = HUNet(presets[a.preset]()).eval()
+        from msm.hunet import random_backbone
+        model = random_backbone(a.preset, a.seed)
     else:
         model = load_backbone(a.ckpt)
     cfg = ProbeConfig(seed=a.seed) if a.epochs is None else ProbeConfig(seed=a.seed, epochs=a.epochs)

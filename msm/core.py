@@ -175,6 +175,15 @@ def _from_plain(hint, v, source: str):
 class ConfigBase:
     "Mixin for dataclass configs: `to_dict()` for checkpoints and `from_dict()` that rejects unknown keys clearly."
 
+    PRESETS = ()  # names of the classmethods that build the named presets (not a field: no annotation)
+
+    @classmethod
+    def preset(cls, name: str):
+        "The preset `name` (one of `PRESETS`); `MSMError` naming the choices for anything else."
+        if name not in cls.PRESETS:
+            raise MSMError(f"unknown preset '{name}' (choose from {', '.join(cls.PRESETS) or 'none: no presets'})")
+        return getattr(cls, name)()
+
     def to_dict(self) -> dict:
         "A plain, picklable dict of the fields (nested configs as dicts, tuples kept as lists for JSON)."
         from dataclasses import asdict

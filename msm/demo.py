@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import ConfigBase, MSMError, seed_everything
+from .core import ConfigBase, MSMError
 
 # %% auto #0
 __all__ = ['DemoConfig', 'results_table', 'per_class_table', 'plot_loss_curve', 'run_demo']
@@ -116,7 +116,7 @@ def run_demo(out="demo_out", seed: int = 0, max_steps: int | None = None, data_r
              config: DemoConfig | None = None, progress: bool = True) -> Path:
     "Pre-train tiny on the sample rooms, probe it and a random twin, write OUT/report.md; returns its path."
     from msm.data import list_scenes
-    from msm.hunet import HUNet
+    from msm.hunet import random_backbone
     from msm.pretrain import PretrainConfig, pretrain
     cfg = config or DemoConfig(seed=seed)
     if max_steps is not None:
@@ -135,8 +135,7 @@ def run_demo(out="demo_out", seed: int = 0, max_steps: int | None = None, data_r
     t_pre = time.time() - t0
     from msm.cli import load_backbone
     trained = load_backbone(run_dir / "checkpoint.pt", device="cpu")
-    seed_everything(cfg.seed)
-    random_twin = HUNet(pcfg.model).eval()
+    random_twin = random_backbone(pcfg.model, cfg.seed, device="cpu")
     t1 = time.time()
     rows = {"MSM pre-trained": _probe_all(trained, data_root, out / "probe_msm", cfg),
             "random init": _probe_all(random_twin, data_root, out / "probe_random", cfg)}

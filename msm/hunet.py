@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .core import ConfigBase, MSMError
+from .core import ConfigBase, MSMError, default_device, seed_everything
 from .serialize import CURVES, _check_curve, serialize, window_attention
 from .sparse import Conv3d, DropPath, RMSNorm, SparseTensor, downsample, lookup
 
 # %% auto #0
-__all__ = ['OFFICIAL_PREFIX', 'HUNetConfig', 'ResNetBlock', 'AttentionBlock', 'MaskedOutput', 'HUNet', 'count_parameters',
-           'official_names', 'load_official', 'to_official']
+__all__ = ['OFFICIAL_PREFIX', 'HUNetConfig', 'ResNetBlock', 'AttentionBlock', 'MaskedOutput', 'HUNet', 'random_backbone',
+           'count_parameters', 'official_names', 'load_official', 'to_official']
 
 # %% ../nbs/06_hunet.ipynb #c744279a
 _BLOCK_TYPES = ("hybrid", "conv", "attention")
@@ -32,6 +32,7 @@ _BLOCK_TYPES = ("hybrid", "conv", "attention")
 @dataclass
 class HUNetConfig(ConfigBase):
     "Architecture of a HUNet; per-level tuples are finest level first (level l has stride 2**l)."
+    PRESETS = ("tiny", "ablation", "paper")  # HUNetConfig.preset(name) builds one by name
     in_channels: int = 6  # input features per voxel: colour scaled to [-1, 1] and the normal
     voxel_size: float = 0.02  # edge of a finest voxel, metres (used by the data pipeline)
     channels: tuple = (32, 64, 128, 256, 384)  # encoder channels per level
@@ -341,6 +342,13 @@ class HUNet(nn.Module):
         masked = [mask.clone()] + [torch.ones(len(c), dtype=torch.bool, device=mask.device) for c in coords[1:]]
         visible = SparseTensor(x.feats.index_select(0, keep), x.coords.index_select(0, keep), x.stride, check=False)
         return _Full(coords, [keep], masked, mask_tokens, insertion, cache), visible
+
+# %% ../nbs/06_hunet.ipynb #a47a1ced
+def random_backbone(config: HUNetConfig | str = "tiny", seed: int = 0, device: str | None = None) -> HUNet:
+    "A randomly initialised HUNet in eval mode from a config or preset name; the same seed gives the same weights."
+    config = HUNetConfig.preset(config) if isinstance(config, str) else config
+    seed_everything(seed)
+    return HUNet(config).to(default_device(device)).eval()
 
 # %% ../nbs/06_hunet.ipynb #7b8a06be
 def count_parameters(model: HUNet) -> dict:

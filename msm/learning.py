@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import ConfigBase, MSMError, seed_everything
-from .hunet import HUNet, HUNetConfig
+from .core import ConfigBase, MSMError
+from .hunet import HUNet, HUNetConfig, random_backbone
 from .objective import _batched, _items
 from .pretrain import PretrainConfig, PretrainMethod
 from .sparse import SparseTensor, lookup
@@ -188,8 +188,7 @@ def run_row(key: str, seed: int, data_root, out, config: BenchConfig | None = No
     pc = _pretrain_config(row, seed, config)
     t0 = time.perf_counter()
     if row.method is None:
-        seed_everything(seed)
-        model, loss = HUNet(pc.model).eval(), None
+        model, loss = random_backbone(pc.model, seed, device="cpu"), None
     else:
         ckpt = run_dir / "pretrain" / "checkpoint.pt"
         summary = pretrain(pc, data_root, run_dir / "pretrain", max_steps=config.steps, method=row.method,

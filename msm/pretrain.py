@@ -42,6 +42,7 @@ _RUNTIME = ("num_workers", "log_every", "save_every", "tensorboard", "cache_scen
 @dataclass
 class PretrainConfig(ConfigBase):
     "One pre-training run: model, objective, masks, data augmentation, optimisation; presets tiny / ablation / paper."
+    PRESETS = ("tiny", "ablation", "paper")  # PretrainConfig.preset(name) builds one by name
     name: str = "paper"  # the preset it started from (reported when configs differ)
     model: HUNetConfig = field(default_factory=HUNetConfig.paper)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -85,14 +86,6 @@ class PretrainConfig(ConfigBase):
                    objective=ObjectiveConfig(visible_weight=1.0), crop_points=8_000, batch_size=2, max_steps=300,
                    epochs=100, warmup_epochs=5, lr=3e-3, num_workers=1, cache_scenes=True, log_every=5,
                    save_every=100, tensorboard=False)
-
-    @classmethod
-    def preset(cls, name: str) -> PretrainConfig:
-        "The named preset; `MSMError` for an unknown name."
-        makers = {"tiny": cls.tiny, "ablation": cls.ablation, "paper": cls.paper}
-        if name not in makers:
-            raise MSMError(f"unknown preset '{name}' (choose from {', '.join(makers)})")
-        return makers[name]()
 
     def to_dict(self) -> dict:
         "Plain nested dict, through JSON (sub-configs as dicts, every tuple as a list): goes into every checkpoint."
