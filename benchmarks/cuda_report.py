@@ -80,7 +80,8 @@ def main():
     py = sys.executable
     if not a.skip_tests:
         junit = a.junit or "/tmp/msm_cuda_junit.xml"
-        scope = ["tests"] if a.all_tests else ["tests/test_sparse.py", "tests/test_voxelize.py", "tests/test_cuda.py"]
+        scope = ["tests"] if a.all_tests else ["tests/test_sparse.py", "tests/test_fused_conv.py", "tests/test_voxelize.py",
+                                                   "tests/test_cuda.py"]
         st, out, sec = sh([py, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", f"--junitxml={junit}",
                            *scope], timeout=3000)
         summary = next((ln for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed)", ln)), "no summary")

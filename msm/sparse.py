@@ -29,6 +29,7 @@ from msm.kernel_maps import (
 )
 
 from .core import MSMError
+from .fused_conv import fused_sparse_conv, triton_available
 
 # %% auto #0
 __all__ = ['SparseCache', 'SparseTensor', 'sparse_backend', 'Conv3d', 'RMSNorm', 'LayerNorm', 'BatchNorm', 'Linear', 'GELU',
@@ -160,7 +161,7 @@ class SparseTensor:
 
 # %% ../nbs/04_sparse.ipynb #91d5bd39
 _BACKEND = contextvars.ContextVar("msm_sparse_backend", default=None)
-_BACKENDS = ("torch", "torchsparse", "auto")
+_BACKENDS = ("torch", "triton", "torchsparse", "auto")
 
 
 @contextlib.contextmanager
@@ -190,6 +191,9 @@ def _resolve_backend(choice: str | None, x: SparseTensor) -> str:
         raise MSMError(f"unknown sparse backend '{choice}' (choose from {', '.join(_BACKENDS)})")
     if choice == "auto":
         return "torchsparse" if x.feats.is_cuda and _torchsparse_available() else "torch"
+    if choice == "triton" and not triton_available():
+        raise MSMError("backend 'triton' needs Triton (CUDA builds of PyTorch ship it; elsewhere `pip install "
+                       "triton`); use backend='torch'")
     if choice == "torchsparse" and not (x.feats.is_cuda and _torchsparse_available()):
         raise MSMError("backend 'torchsparse' needs torchsparse installed and CUDA tensors; use backend='torch'")
     return choice
@@ -268,23 +272,25 @@ class Conv3d(nn.Module):
         if self.kernel_size == 1:
             out = x.feats.to(dtype) @ kernel[0]  # (M, C_out)
             return x.replace_feats(out if bias is None else out + bias)
-        if _resolve_backend(self.backend, x) == "torchsparse":
+        backend = _resolve_backend(self.backend, x)
+        if backend == "torchsparse":
             out = _torchsparse_conv(self, x, kernel, bias, target)
             if out is not None:
                 return out
+        conv = fused_sparse_conv if backend == "triton" else sparse_conv  # same maps, same signature
         if self.stride == 1:  # submanifold
             km = _cached_kmap(x, (x.stride, self.kernel_size, 1), lambda c: kernel_map(c, self.kernel_size))
-            return x.replace_feats(sparse_conv(x.feats, kernel, km, bias))  # (M, C_out)
+            return x.replace_feats(conv(x.feats, kernel, km, bias))  # (M, C_out)
         if not self.transposed:  # down-sampling: stride -> 2 * stride
             km = _cached_kmap(x, (x.stride, 2, 2), _down_map)
-            out = sparse_conv(x.feats, kernel, km, bias)  # (M_coarse, C_out)
+            out = conv(x.feats, kernel, km, bias)  # (M_coarse, C_out)
             coarse = x.cache.coords.get(2 * x.stride) if _same(x.cache.coords.get(x.stride), x.coords) else None
             if coarse is None or not (_same(coarse, km.out_coords) or torch.equal(coarse, km.out_coords)):
                 coarse = km.out_coords
             return SparseTensor._derived(out, coarse, 2 * x.stride, x.cache)
-        return self._transposed(x, kernel, bias, target)
+        return self._transposed(x, kernel, bias, target, conv)
 
-    def _transposed(self, x, kernel, bias, target):
+    def _transposed(self, x, kernel, bias, target, conv=sparse_conv):
         "Transposed kernel-2 convolution onto the finer voxel set (target, or the cached set of stride x.stride // 2)."
         if x.stride < 2 or x.stride % 2:
             raise MSMError(f"transposed Conv3d needs an input at an even stride >= 2, got stride {x.stride}")
@@ -302,7 +308,7 @@ class Conv3d(nn.Module):
                 x.cache.kmaps[(fine_stride, 2, 2)] = km
         if not _same(km.out_coords, x.coords) and not torch.equal(km.out_coords, x.coords):
             km = _reparent(km, x.coords)
-        out = sparse_conv(x.feats, kernel, km, bias, transposed=True)  # (M_fine, C_out)
+        out = conv(x.feats, kernel, km, bias, transposed=True)  # (M_fine, C_out)
         return SparseTensor._derived(out, fine, fine_stride, x.cache)
 
 # %% ../nbs/04_sparse.ipynb #2de8e188
