@@ -196,7 +196,10 @@ class _FusedConvFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous().to(feats.dtype)
         needs, grad_feats, grad_kernel, grad_bias = ctx.needs_input_grad, None, None, None
         with torch.autocast(feats.device.type, enabled=False):
-            if needs[0]:
+            if needs[0] and ctx.kmap.kind == "subm":  # offset K-1-k undoes offset k: the forward table, flipped kernel
+                grad_feats = _conv(grad_out, kernel.flip(0).transpose(1, 2).contiguous(),
+                                   neighbour_table(ctx.kmap, ctx.transposed))
+            elif needs[0]:
                 grad_feats = _conv(grad_out, kernel.transpose(1, 2).contiguous(),
                                    neighbour_table(ctx.kmap, not ctx.transposed))
             if needs[1]:
