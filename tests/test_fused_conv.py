@@ -159,3 +159,29 @@ def test_cpu_tensors_without_interpreter_say_so():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300).stdout
     assert "MSMError" in out and "TRITON_INTERPRET=1" in out, out
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow)]
+                         + (["cuda"] if torch.cuda.is_available() else []))
+def test_hunet_tiny_backend_triton_equals_torch(device):
+    "The whole tiny HUNet, forward and backward, on both engines (fixed curve order: eval is otherwise random)."
+    _kernels_run_on(device)
+    from dataclasses import replace
+
+    from msm.data import synthetic_room
+    from msm.hunet import HUNet, HUNetConfig
+    from msm.voxelize import voxelize_scene
+    vox = voxelize_scene(synthetic_room(0, n_points=2000), 0.08, "first")  # about 1.8k voxels
+    coords = torch.cat([torch.zeros(len(vox["grid_coord"]), 1, dtype=torch.int32), vox["grid_coord"]], 1).to(device)
+    torch.manual_seed(0)
+    net = HUNet(replace(HUNetConfig.tiny(), shuffle_curves=False)).to(device).eval()
+    got = {}
+    for backend in ("torch", "triton"):
+        x = SparseTensor(vox["feat"].clone().to(device).requires_grad_(True), coords)
+        with sparse_backend(backend):
+            levels = net(x)
+        sum(lv.feats.square().mean() for lv in levels).backward()
+        got[backend] = [lv.feats.detach() for lv in levels] + [x.feats.grad] + [p.grad.clone() for p in net.parameters()]
+        net.zero_grad()
+    for a, b in zip(got["triton"], got["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
