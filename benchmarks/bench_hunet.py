@@ -14,6 +14,12 @@ pass of one training forward (distinct storages), which does not.
 
     python benchmarks/bench_hunet.py [--points 50000 100000 200000] [--presets tiny ablation] [--repeats 3]
                                      [--warmup 1] [--threads 2] [--device cpu|cuda|all] [--checkpoint]
+    python benchmarks/bench_hunet.py --device cuda --presets paper --batch-search 240000 [--amp bf16]
+
+`--batch-search N` measures training forward + backward instead on batches of 1, 2, 4, ... scenes of N points (copies
+of one scene at different batch indices) until the GPU runs out of memory, and reports batch 1 and the largest batch
+that fit, with time per batch, scenes per second and peak memory (`--max-batch` caps the search; on CPU it is a smoke
+test of the script).
 
 The 2-core machine this project is developed on runs the full default in about 10 minutes. Last line: one JSON
 object with the figures. There is no peer in this benchmark: it measures how the cost scales (a linear model gives
@@ -38,7 +44,7 @@ import torch  # noqa: E402
 
 from msm.hunet import HUNet, HUNetConfig  # noqa: E402
 from msm.sparse import SparseTensor  # noqa: E402
-from msm.voxelize import voxelize_scene  # noqa: E402
+from msm.voxelize import collate, voxelize_scene  # noqa: E402
 
 
 def scene(n_points: int, per_room: int = 50_000, seed: int = 0) -> dict:
@@ -142,6 +148,46 @@ def measure(net, feats, coords, repeats, warmup=1):
     return res
 
 
+def batch_search(net, vox, device, repeats, warmup, max_batch, amp) -> dict:
+    "Training forward + backward on batches of 1, 2, 4, ... copies of `vox` until out of memory: {batch: figures}."
+    out, b = {}, 1
+    while b <= max_batch:
+        batch = collate([vox] * b)
+        feats, coords = batch["feats"].to(device), batch["coords"].to(device)
+
+        def fwd_bwd(feats=feats, coords=coords):
+            net.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                levels = net(SparseTensor(feats, coords))
+                loss = sum(o.feats.float().square().mean() for o in levels)
+            loss.backward()
+            net.zero_grad(set_to_none=True)
+
+        try:
+            for _ in range(warmup):
+                fwd_bwd()
+            times = []
+            for _ in range(repeats):
+                base = _reset_peak(device)
+                _sync(device)
+                t0 = time.perf_counter()
+                fwd_bwd()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+                mem = _peak(device, base)
+        except torch.cuda.OutOfMemoryError:
+            net.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            print(f"  batch {b}: out of memory", flush=True)
+            break
+        t = statistics.median(times)
+        out[b] = {"voxels": len(coords), "fwd_bwd_s": round(t, 4), "scenes_per_s": round(b / t, 2),
+                  "peak_mib": round(mem)}
+        print(f"  batch {b:3d}: {len(coords):9d} voxels {t:8.3f} s {b / t:8.2f} scenes/s {mem:9.0f} MiB", flush=True)
+        b *= 2
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", type=int, nargs="+", default=[50_000, 100_000, 200_000])
@@ -151,10 +197,31 @@ def main():
     ap.add_argument("--checkpoint", action="store_true", help="HUNetConfig.checkpoint=True (recompute blocks)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
+    ap.add_argument("--batch-search", type=int, default=0, metavar="POINTS",
+                    help="forward + backward on growing batches of scenes of POINTS points (see the docstring)")
+    ap.add_argument("--max-batch", type=int, default=256, help="largest batch --batch-search tries")
+    ap.add_argument("--amp", default="none", choices=["none", "bf16"], help="--batch-search: bf16 autocast")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     devices = ["cpu", "cuda"] if a.device == "all" else [a.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    if a.batch_search:
+        sc, summary = scene(a.batch_search), {"points": a.batch_search, "amp": a.amp, "checkpoint": a.checkpoint}
+        for dev_name in devices:
+            device = torch.device(dev_name)
+            for preset in a.presets:
+                cfg = replace(getattr(HUNetConfig, preset)(), checkpoint=a.checkpoint)
+                torch.manual_seed(0)
+                net = HUNet(cfg).to(device)
+                print(f"{dev_name} {preset}, scenes of {a.batch_search} points, amp {a.amp}:", flush=True)
+                res = batch_search(net, voxelize_scene(sc, cfg.voxel_size, "first"), device, a.repeats, a.warmup,
+                                   a.max_batch, a.amp)
+                if res:
+                    summary[f"{dev_name}_{preset}"] = {"batch_1": res.get(1), "largest_batch": max(res),
+                                                       "largest": res[max(res)]}
+                del net
+        print(json.dumps(summary))
+        return
     scenes = {n: scene(n) for n in a.points}
     summary, rows = {"threads": a.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "checkpoint": a.checkpoint}, []

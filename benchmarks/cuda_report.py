@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer benchmark repeats")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--bench-only", nargs="+", default=None, metavar="WORD",
+                    help="run only the benchmarks whose title contains one of these words (e.g. 'sparse' 'Triton')")
     ap.add_argument("--all-tests", action="store_true", help="run the whole suite, not only the device-parametrised files")
     ap.add_argument("--junit", default=None, help="also keep pytest's junit xml here")
     a = ap.parse_args()
@@ -98,14 +100,24 @@ def main():
         benches = [("sparse conv, fp32", ["benchmarks/bench_sparse_gpu.py", *rep]),
                    ("sparse conv, bf16", ["benchmarks/bench_sparse_gpu.py", "--dtype", "bfloat16", *rep]),
                    ("HUNet", ["benchmarks/bench_hunet.py", "--device", "cuda", "--presets", "tiny", "ablation", "paper"]),
+                   ("HUNet paper, 240k-point scenes, largest batch, bf16",
+                    ["benchmarks/bench_hunet.py", "--device", "cuda", "--presets", "paper", "--batch-search", "240000",
+                     "--amp", "bf16"]),
+                   ("HUNet paper, 240k-point scenes, largest batch, bf16, Triton convolutions",
+                    ["benchmarks/bench_hunet.py", "--device", "cuda", "--presets", "paper", "--batch-search", "240000",
+                     "--amp", "bf16"], {"MSM_SPARSE_BACKEND": "triton"}),
                    ("pre-training", ["benchmarks/bench_pretrain.py", "--device", "cuda", "--presets", "ablation,paper"]),
+                   ("pre-training, Triton convolutions", ["benchmarks/bench_pretrain.py", "--device", "cuda", "--presets",
+                                                          "ablation,paper"], {"MSM_SPARSE_BACKEND": "triton"}),
                    ("feature sampling", ["benchmarks/bench_probe.py", "--device", "cuda"])]
         lines += ["## Benchmarks", ""]
-        for name, cmd in benches:
+        if a.bench_only:
+            benches = [b for b in benches if any(w.lower() in b[0].lower() for w in a.bench_only)]
+        for name, cmd, *env in benches:
             if not (ROOT / cmd[0]).exists():
                 lines += [f"### {name}", "", f"`{cmd[0]}` not present", ""]
                 continue
-            st, out, sec = sh([py, *cmd], timeout=1200)
+            st, out, sec = sh([py, *cmd], timeout=1200, env=env[0] if env else None)
             print(f"== {name} ({sec:.0f} s, status {st})\n{out[-4000:]}")
             table = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("{")][-40:]
             lines += [f"### {name} (`{' '.join(cmd)}`, {sec:.0f} s, status {st})", "", "```", *table, "```", "",
