@@ -2,6 +2,7 @@
 
 Modules:
 
+- `msm.baseline_parts`: What the neighbouring pretext tasks are made of, before any network: per-voxel input attributes to reconstruct, geometric regions of a scan (vectorised union-find), masks of whole regions, and the losses (InfoNCE between matched voxels, group-balanced token prediction, per-scene means).
 - `msm.baselines`: The neighbours of masked scene modeling as pretext tasks under one protocol: input reconstruction (Point-MAE / MAE style), masked scene contrast (MSC style), SAM-guided masked token prediction with regions, and 2D feature distillation; same backbone, same loop, same checkpoints, same probe.
 - `msm.cli`: One console command for every job: make sample data, pre-train (also under `torchrun`), probe, extract features, draw them, and the end-to-end demo.
 - `msm.data`: Scene files in, validated scene dicts out: the formats people store scans in, data sets over a split folder, and synthetic labelled rooms that are hard enough to show what pre-training learns.

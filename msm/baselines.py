@@ -9,7 +9,6 @@ Docs: https://github.com/msm-devs/msm/baselines.html.md"""
 # %% ../nbs/12_baselines.ipynb #59fd43e8
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -18,6 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from msm.baseline_parts import (
+    balanced_token_loss,
+    geometric_regions,
+    info_nce,
+    region_mask,
+    region_mean,
+    scene_mean,
+    voxel_targets,
+)
+
 from .core import ConfigBase, MSMError
 from .hunet import HUNet, HUNetConfig
 from .masking import MaskConfig
@@ -25,129 +34,12 @@ from .objective import EMATeacher, _batched, _items, feature_loss, match_views, 
 from .pretrain import PretrainConfig, PretrainMethod  # msm.pretrain imports this module lazily: no cycle
 from .sparse import SparseTensor, lookup
 from .transforms import SphereCrop, Transform, default_pretrain_transform, two_views
-from .voxelize import grid_sample, voxel_mean, voxelize_scene
+from .voxelize import voxelize_scene
 
 # %% auto #0
-__all__ = ['MODELS', 'DESCRIPTIONS', 'METHODS', 'voxel_targets', 'connected_components', 'geometric_regions', 'region_mask',
-           'scene_mean', 'region_mean', 'info_nce', 'balanced_weights', 'balanced_token_loss', 'BaselineConfig',
-           'fake_feat2d', 'BaselineSampler', 'collate_baselines', 'recon_terms', 'InputReconstruction',
-           'MaskedContrast', 'MaskedTokenPrediction', 'Distill2D', 'baseline_options']
-
-# %% ../nbs/12_baselines.ipynb #7ef8889d
-def voxel_targets(view: dict, vox: dict, voxel_size: float, extra: tuple = ()) -> dict:
-    "Per-voxel means of a voxelised view: colour in [-1, 1] (M, 3), unit normal (M, 3), point offset (M, 3), `extra` arrays."
-    inv, m = vox["inverse"], len(vox["grid_coord"])
-    color = voxel_mean(torch.as_tensor(view["color"]).float() / 127.5 - 1, inv, m)  # (M, 3)
-    normal = voxel_mean(torch.as_tensor(view["normal"]).float(), inv, m)  # (M, 3)
-    length = normal.norm(dim=1, keepdim=True)  # (M, 1)
-    normal = torch.where(length > 0.1, normal / length.clamp_min(1e-6), torch.zeros_like(normal))
-    g = torch.as_tensor(view["coord"]).double() / voxel_size  # (N, 3) in voxel units
-    out = {"color": color, "normal": normal, "offset": voxel_mean(g - g.floor() - 0.5, inv, m).float()}
-    for key in extra:
-        out[key] = voxel_mean(torch.as_tensor(np.asarray(view[key], np.float32)), inv, m)  # (M, D)
-    return out
-
-# %% ../nbs/12_baselines.ipynb #0ffb8658
-def connected_components(n: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    "Component label (n,) int64 of each node of the undirected graph with edges (src, dst): the smallest node id in it."
-    label = torch.arange(n, device=src.device)
-    while True:
-        a, b = label[src], label[dst]  # (E,) current labels of both ends
-        cross = a != b
-        if not bool(cross.any()):
-            return label
-        a, b = a[cross], b[cross]
-        label = label.scatter_reduce(0, torch.maximum(a, b), torch.minimum(a, b), reduce="amin")  # hook
-        while True:  # pointer jumping: every node points at its root
-            nxt = label[label]
-            if torch.equal(nxt, label):
-                break
-            label = nxt
-
-# %% ../nbs/12_baselines.ipynb #39321f49
-_HALF_OFFSETS = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if (dx, dy, dz) > (0, 0, 0)]
-
-
-def geometric_regions(scene: dict, voxel_size: float = 0.05, angle: float = 20.0, cell: float | None = 1.0) -> torch.Tensor:
-    "Region id (N,) int64 of every point: connected voxels whose normals agree within `angle` degrees, cut by a `cell` grid."
-    if not 0 < angle <= 180:
-        raise MSMError(f"geometric_regions: angle must be in (0, 180] degrees, got {angle}")
-    if cell is not None and not cell > 0:
-        raise MSMError(f"geometric_regions: cell must be a positive length in metres or None, got {cell}")
-    vox = grid_sample(scene["coord"], voxel_size, "first")
-    g = vox.grid_coord.long()  # (V, 3)
-    normal = voxel_mean(torch.as_tensor(np.asarray(scene["normal"]), dtype=torch.float32), vox.inverse, vox.num_voxels)
-    length = normal.norm(dim=1, keepdim=True)  # (V, 1)
-    normal = torch.where(length > 0.1, normal / length.clamp_min(1e-6), torch.zeros_like(normal))  # (V, 3)
-    table = F.pad(g, (1, 0)).int()  # (V, 4) one scene
-    cos_min, src, dst = math.cos(math.radians(angle)) - 1e-6, [], []
-    for off in _HALF_OFFSETS:  # 13 offsets: each undirected neighbour pair once
-        nb = lookup(table + torch.tensor([0, *off], dtype=torch.int32), table)  # (V,) row of the neighbour or -1
-        i = (nb >= 0).nonzero().squeeze(1)
-        j = nb[i]
-        agree = ((normal[i] * normal[j]).sum(1) >= cos_min) & (length[i, 0] > 0.1) & (length[j, 0] > 0.1)
-        src.append(i[agree])
-        dst.append(j[agree])
-    comp = connected_components(len(g), torch.cat(src), torch.cat(dst))  # (V,)
-    key = comp[:, None] if cell is None else torch.cat([comp[:, None], (g * voxel_size / cell).floor().long()], 1)
-    region = torch.unique(key, dim=0, return_inverse=True)[1].reshape(-1)  # (V,) 0..R-1
-    return region[vox.inverse]  # (N,)
-
-# %% ../nbs/12_baselines.ipynb #80f6d05d
-def region_mask(region: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    "Mask (M,) bool hiding whole regions of `region` (M,) in random order until about `ratio` of the voxels are hidden."
-    if not 0 <= ratio < 1:
-        raise MSMError(f"region_mask: ratio must be in [0, 1), got {ratio}")
-    ids, inv, counts = torch.unique(region, return_inverse=True, return_counts=True)  # (R,), (M,), (R,)
-    if ratio == 0 or len(region) == 0:
-        return torch.zeros(len(region), dtype=torch.bool, device=region.device)
-    order = torch.randperm(len(ids), generator=generator).to(region.device)  # (R,)
-    c = counts[order].double()
-    take = torch.cumsum(c, 0) - c / 2 < ratio * len(region)  # (R,) a prefix of the random order
-    take[0] = True
-    take[-1] = False  # the encoder needs something visible: the last region of the order never is masked
-    chosen = torch.zeros(len(ids), dtype=torch.bool, device=region.device)
-    chosen[order[take]] = True
-    return chosen[inv.reshape(-1)]  # (M,)
-
-# %% ../nbs/12_baselines.ipynb #94e277b8
-def scene_mean(values: torch.Tensor, batch: torch.Tensor, n_items: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-    "Mean over scenes of the per-scene weighted mean of `values` (K,) with scene ids `batch` (K,); scenes with none count 0."
-    w = torch.ones_like(values) if weights is None else weights.to(values.dtype)
-    b = batch.long()
-    num = values.new_zeros(n_items).index_add_(0, b, values * w)  # (B,)
-    den = values.new_zeros(n_items).index_add_(0, b, w)  # (B,)
-    return (num / den.clamp_min(1e-12)).sum() / n_items
-
-
-def region_mean(feats: torch.Tensor, region: torch.Tensor, n_regions: int) -> torch.Tensor:
-    "Mean of `feats` (M, C) over the voxels of each region `region` (M,) in 0..n_regions-1: (n_regions, C)."
-    sums = feats.new_zeros(n_regions, feats.shape[1]).index_add_(0, region, feats)  # (R, C)
-    counts = torch.bincount(region, minlength=n_regions).clamp_min(1).to(feats.dtype)  # (R,)
-    return sums / counts[:, None]
-
-# %% ../nbs/12_baselines.ipynb #efb3ee84
-def info_nce(za: torch.Tensor, zb: torch.Tensor, temperature: float, batch: torch.Tensor | None = None) -> torch.Tensor:
-    "Symmetric InfoNCE (K,) of matched rows of `za`, `zb` (K, D); negatives: the other rows (of the same scene if `batch`)."
-    za, zb = F.normalize(za.float(), dim=1), F.normalize(zb.float(), dim=1)
-    logits = za @ zb.T / temperature  # (K, K)
-    if batch is not None:
-        logits = logits.masked_fill(batch[:, None] != batch[None, :], float("-inf"))
-    target = torch.arange(len(za), device=za.device)
-    return (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
-
-# %% ../nbs/12_baselines.ipynb #306ec8d5
-def balanced_weights(region: torch.Tensor, alpha: float) -> torch.Tensor:
-    "Weight (K,) of each token of `region` (K,) (global region ids): n_region^-alpha, n = tokens of its region."
-    counts = torch.bincount(region)  # (R,)
-    return counts[region].double().pow(-alpha).float()
-
-
-def balanced_token_loss(pred: torch.Tensor, target: torch.Tensor, region: torch.Tensor, batch: torch.Tensor,
-                        n_items: int, alpha: float) -> torch.Tensor:
-    "Group-balanced masked-token MSE: per scene sum_i w_i MSE_i / sum_i w_i with w_i = n_region(i)^-alpha; mean over scenes."
-    mse = ((pred.float() - target.float()) ** 2).mean(1)  # (K,)
-    return scene_mean(mse, batch, n_items, balanced_weights(region, alpha))
+__all__ = ['MODELS', 'DESCRIPTIONS', 'METHODS', 'BaselineConfig', 'fake_feat2d', 'BaselineSampler', 'collate_baselines',
+           'recon_terms', 'InputReconstruction', 'MaskedContrast', 'MaskedTokenPrediction', 'Distill2D',
+           'baseline_options']
 
 # %% ../nbs/12_baselines.ipynb #de93b34a
 _CHOICES = {"normal_loss": ("cosine", "l2"), "negatives": ("batch", "scene"), "regions": ("auto", "geometric", "scene"),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from msm.baseline_parts import geometric_regions
 from msm.baselines import (
     DESCRIPTIONS,
     METHODS,
@@ -18,7 +19,6 @@ from msm.baselines import (
     BaselineSampler,
     collate_baselines,
     fake_feat2d,
-    geometric_regions,
 )
 from msm.core import MSMError
 from msm.data import load_scene, save_scene, synthetic_room
