@@ -133,19 +133,24 @@ def measure(net, feats, coords, repeats, warmup=1):
 
     res = {"act_mib": saved_activations(net, feats, coords)}
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            base = _reset_peak(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            mem = _peak(device, base)
-        res[f"{name}_s"], res[f"{name}_mib"] = statistics.median(times), mem
+        res[f"{name}_s"], res[f"{name}_mib"] = timed(fn, device, repeats, warmup)
     return res
+
+
+def timed(fn, device, repeats: int, warmup: int) -> tuple[float, float]:
+    "Median seconds of fn() after `warmup` untimed calls, and the peak MiB of the last timed call."
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        base = _reset_peak(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        mem = _peak(device, base)
+    return statistics.median(times), mem
 
 
 def batch_search(net, vox, device, repeats, warmup, max_batch, amp) -> dict:
@@ -164,23 +169,12 @@ def batch_search(net, vox, device, repeats, warmup, max_batch, amp) -> dict:
             net.zero_grad(set_to_none=True)
 
         try:
-            for _ in range(warmup):
-                fwd_bwd()
-            times = []
-            for _ in range(repeats):
-                base = _reset_peak(device)
-                _sync(device)
-                t0 = time.perf_counter()
-                fwd_bwd()
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-                mem = _peak(device, base)
+            t, mem = timed(fwd_bwd, device, repeats, warmup)
         except torch.cuda.OutOfMemoryError:
             net.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             print(f"  batch {b}: out of memory", flush=True)
             break
-        t = statistics.median(times)
         out[b] = {"voxels": len(coords), "fwd_bwd_s": round(t, 4), "scenes_per_s": round(b / t, 2),
                   "peak_mib": round(mem)}
         print(f"  batch {b:3d}: {len(coords):9d} voxels {t:8.3f} s {b / t:8.2f} scenes/s {mem:9.0f} MiB", flush=True)

@@ -14,12 +14,12 @@ import importlib.util
 import torch
 
 from .core import MSMError
-from .kernel_maps import KernelMap, compute_dtype
+from .kernel_maps import ConvEngine, KernelMap, sparse_conv
 
 triton = tl = None  # Triton is imported on first use (`_triton()`): importing msm never needs or loads it
 
 # %% auto #0
-__all__ = ['triton', 'tl', 'neighbour_table', 'triton_available', 'triton_interpreter_on', 'fused_sparse_conv']
+__all__ = ['triton', 'tl', 'TRITON_ENGINE', 'neighbour_table', 'triton_available', 'triton_interpreter_on', 'fused_sparse_conv']
 
 # %% ../nbs/03b_fused_conv.ipynb #e4c8dc69
 def neighbour_table(kmap: KernelMap, transposed: bool = False) -> torch.Tensor:
@@ -175,45 +175,28 @@ def _weight_grad(feats: torch.Tensor, grad: torch.Tensor, table: torch.Tensor, s
     return part.sum(0)
 
 # %% ../nbs/03b_fused_conv.ipynb #4e42c5cf
-class _FusedConvFunction(torch.autograd.Function):
-    "Sparse convolution over a kernel map by the fused kernels; saves feats, kernel and the map."
+def _fused_forward(kmap: KernelMap, transposed: bool, feats: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    "Output rows (n_dst, C_out) of the convolution over `kmap` (forward or transposed) by the forward kernel."
+    return _conv(feats, kernel, neighbour_table(kmap, transposed))
 
-    @staticmethod
-    def forward(ctx, feats, kernel, bias, kmap, transposed):
-        feats, kernel = feats.contiguous(), kernel.contiguous()
-        with torch.autocast(feats.device.type, enabled=False):  # inputs arrive in the compute dtype
-            out = _conv(feats, kernel, neighbour_table(kmap, transposed))  # (n_dst, C_out)
-        if bias is not None:
-            out += bias
-        ctx.save_for_backward(feats, kernel)
-        ctx.kmap, ctx.transposed, ctx.has_bias = kmap, transposed, bias is not None
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        feats, kernel = ctx.saved_tensors
-        grad_out = grad_out.contiguous().to(feats.dtype)
-        needs, grad_feats, grad_kernel, grad_bias = ctx.needs_input_grad, None, None, None
-        with torch.autocast(feats.device.type, enabled=False):
-            if needs[0] and ctx.kmap.kind == "subm":  # offset K-1-k undoes offset k: the forward table, flipped kernel
-                grad_feats = _conv(grad_out, kernel.flip(0).transpose(1, 2).contiguous(),
-                                   neighbour_table(ctx.kmap, ctx.transposed))
-            elif needs[0]:
-                grad_feats = _conv(grad_out, kernel.transpose(1, 2).contiguous(),
-                                   neighbour_table(ctx.kmap, not ctx.transposed))
-            if needs[1]:
-                grad_kernel = _weight_grad(feats, grad_out, neighbour_table(ctx.kmap, ctx.transposed),
-                                           kernel.shape).to(kernel.dtype)
-        if ctx.has_bias and needs[2]:
-            grad_bias = grad_out.sum(0)
-        return grad_feats, grad_kernel, grad_bias, None, None
+def _fused_grads(kmap: KernelMap, transposed: bool, feats, kernel, grad_out, needs) -> tuple:
+    "Gradients of feats and kernel (None where not needed) by the two kernels."
+    grad_feats = grad_kernel = None
+    if needs[0] and kmap.kind == "subm":  # offset K-1-k undoes offset k: the forward table, kernel flipped along K
+        grad_feats = _conv(grad_out, kernel.flip(0).transpose(1, 2).contiguous(), neighbour_table(kmap, transposed))
+    elif needs[0]:
+        grad_feats = _conv(grad_out, kernel.transpose(1, 2).contiguous(), neighbour_table(kmap, not transposed))
+    if needs[1]:
+        grad_kernel = _weight_grad(feats, grad_out, neighbour_table(kmap, transposed), kernel.shape).to(kernel.dtype)
+    return grad_feats, grad_kernel
+
+
+TRITON_ENGINE = ConvEngine("triton", _fused_forward, _fused_grads)
 
 
 def fused_sparse_conv(feats, kernel, kmap: KernelMap, bias=None, transposed: bool = False) -> torch.Tensor:
     """`sparse_conv` by fused Triton kernels: features (n_out, C_out) of feats (n_in, C_in) convolved by kernel
     (K, C_in, C_out) over `kmap`. CUDA tensors run compiled kernels; CPU tensors Triton's interpreter (slow)."""
     _triton()
-    dtype = compute_dtype(feats)
-    bias = None if bias is None else bias.to(dtype)
-    return _FusedConvFunction.apply(feats.to(dtype), kernel.to(dtype), bias, kmap, transposed)
+    return sparse_conv(feats, kernel, kmap, bias, transposed, engine=TRITON_ENGINE)

@@ -8,6 +8,7 @@ Docs: https://github.com/msm-devs/msm/kernel_maps.html.md"""
 # %% ../nbs/03a_kernel_maps.ipynb #cf1d5a0b
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 from .core import MSMError
 
 # %% auto #0
-__all__ = ['check_coords', 'voxel_keys', 'lookup', 'random_coords', 'kernel_offsets', 'KernelMap', 'kernel_map', 'downsample',
-           'sparse_conv', 'compute_dtype']
+__all__ = ['TORCH_ENGINE', 'check_coords', 'voxel_keys', 'lookup', 'random_coords', 'kernel_offsets', 'KernelMap', 'kernel_map',
+           'downsample', 'ConvEngine', 'sparse_conv', 'compute_dtype']
 
 # %% ../nbs/03a_kernel_maps.ipynb #c7d466a3
 def check_coords(coords, name: str = "coords") -> torch.Tensor:
@@ -366,18 +367,27 @@ def _conv(kmap: KernelMap, transposed: bool, feats, kernel):
     return _run(plan, feats, kernel, feats.new_zeros(n_out, kernel.shape[2]))
 
 
+@dataclass(frozen=True)
+class ConvEngine:
+    """How `sparse_conv` computes a convolution over a kernel map: `forward(kmap, transposed, feats, kernel)` -> output
+    rows; `grads(kmap, transposed, feats, kernel, grad_out, needs)` -> (grad_feats, grad_kernel), None where not needed."""
+    name: str
+    forward: Callable
+    grads: Callable
+
+
 class _SparseConvFunction(torch.autograd.Function):
-    "Sparse convolution over a kernel map; saves feats, kernel and the map only (gathers are recomputed in backward)."
+    "Sparse convolution over a kernel map by an engine; saves feats, kernel and the map only (nothing gathered)."
 
     @staticmethod
-    def forward(ctx, feats, kernel, bias, kmap, transposed):
+    def forward(ctx, feats, kernel, bias, kmap, transposed, engine):
         feats, kernel = feats.contiguous(), kernel.contiguous()
         with torch.autocast(feats.device.type, enabled=False):  # inputs arrive in the compute dtype
-            out = _conv(kmap, transposed, feats, kernel)  # (n_out, C_out)
+            out = engine.forward(kmap, transposed, feats, kernel)  # (n_out, C_out)
         if bias is not None:
             out += bias
         ctx.save_for_backward(feats, kernel)
-        ctx.kmap, ctx.transposed, ctx.has_bias = kmap, transposed, bias is not None
+        ctx.kmap, ctx.transposed, ctx.has_bias, ctx.engine = kmap, transposed, bias is not None, engine
         return out
 
     @staticmethod
@@ -385,13 +395,16 @@ class _SparseConvFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         feats, kernel = ctx.saved_tensors
         grad_out = grad_out.contiguous().to(feats.dtype)
+        needs = ctx.needs_input_grad
         with torch.autocast(feats.device.type, enabled=False):
-            return _conv_backward(ctx.needs_input_grad, ctx.has_bias, feats, kernel, ctx.kmap, ctx.transposed, grad_out)
+            grad_feats, grad_kernel = ctx.engine.grads(ctx.kmap, ctx.transposed, feats, kernel, grad_out, needs[:2])
+        grad_bias = grad_out.sum(0) if ctx.has_bias and needs[2] else None
+        return grad_feats, grad_kernel, grad_bias, None, None, None
 
 
-def _conv_backward(needs, has_bias, feats, kernel, kmap, transposed, grad_out):
-    "Gradients of feats, kernel and bias (None where not needed); gathers recomputed block by block."
-    c, grad_feats, grad_kernel, grad_bias = kmap.center, None, None, None
+def _torch_grads(kmap, transposed, feats, kernel, grad_out, needs):
+    "Gradients of feats and kernel (None where not needed); gathers recomputed block by block."
+    c, grad_feats, grad_kernel = kmap.center, None, None
     if needs[0]:
         if c is not None:  # submanifold: offset K-1-k undoes offset k, so reuse the forward plan
             grad_feats = _run(_get_plan(kmap, False), grad_out, kernel.flip(0).transpose(1, 2),
@@ -403,16 +416,18 @@ def _conv_backward(needs, has_bias, feats, kernel, kmap, transposed, grad_out):
         if c is not None:
             torch.mm(feats.t(), grad_out, out=grad_kernel[c])
         _grad_kernel(_get_plan(kmap, transposed), feats, grad_out, grad_kernel)
-    if has_bias and needs[2]:
-        grad_bias = grad_out.sum(0)
-    return grad_feats, grad_kernel, grad_bias, None, None
+    return grad_feats, grad_kernel
 
 
-def sparse_conv(feats, kernel, kmap: KernelMap, bias=None, transposed: bool = False) -> torch.Tensor:
+TORCH_ENGINE = ConvEngine("torch", _conv, _torch_grads)  # this notebook's engine: the default and the reference
+
+
+def sparse_conv(feats, kernel, kmap: KernelMap, bias=None, transposed: bool = False,
+                engine: ConvEngine = TORCH_ENGINE) -> torch.Tensor:
     "Features (n_out, C_out) of the convolution of feats (n_in, C_in) by kernel (K, C_in, C_out) over `kmap`."
     dtype = compute_dtype(feats)
     bias = None if bias is None else bias.to(dtype)
-    return _SparseConvFunction.apply(feats.to(dtype), kernel.to(dtype), bias, kmap, transposed)
+    return _SparseConvFunction.apply(feats.to(dtype), kernel.to(dtype), bias, kmap, transposed, engine)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
