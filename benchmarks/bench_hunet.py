@@ -182,6 +182,15 @@ def batch_search(net, vox, device, repeats, warmup, max_batch, amp) -> dict:
     return out
 
 
+def networks(devices, presets, checkpoint: bool):
+    "(device name, preset, config, network) for every device and preset, the same seed for each."
+    for dev_name in devices:
+        for preset in presets:
+            cfg = replace(getattr(HUNetConfig, preset)(), checkpoint=checkpoint)
+            torch.manual_seed(0)
+            yield dev_name, preset, cfg, HUNet(cfg).to(torch.device(dev_name))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", type=int, nargs="+", default=[50_000, 100_000, 200_000])
@@ -201,19 +210,14 @@ def main():
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     if a.batch_search:
         sc, summary = scene(a.batch_search), {"points": a.batch_search, "amp": a.amp, "checkpoint": a.checkpoint}
-        for dev_name in devices:
-            device = torch.device(dev_name)
-            for preset in a.presets:
-                cfg = replace(getattr(HUNetConfig, preset)(), checkpoint=a.checkpoint)
-                torch.manual_seed(0)
-                net = HUNet(cfg).to(device)
-                print(f"{dev_name} {preset}, scenes of {a.batch_search} points, amp {a.amp}:", flush=True)
-                res = batch_search(net, voxelize_scene(sc, cfg.voxel_size, "first"), device, a.repeats, a.warmup,
-                                   a.max_batch, a.amp)
-                if res:
-                    summary[f"{dev_name}_{preset}"] = {"batch_1": res.get(1), "largest_batch": max(res),
-                                                       "largest": res[max(res)]}
-                del net
+        for dev_name, preset, cfg, net in networks(devices, a.presets, a.checkpoint):
+            print(f"{dev_name} {preset}, scenes of {a.batch_search} points, amp {a.amp}:", flush=True)
+            res = batch_search(net, voxelize_scene(sc, cfg.voxel_size, "first"), torch.device(dev_name), a.repeats,
+                               a.warmup, a.max_batch, a.amp)
+            if res:
+                summary[f"{dev_name}_{preset}"] = {"batch_1": res.get(1), "largest_batch": max(res),
+                                                   "largest": res[max(res)]}
+            del net
         print(json.dumps(summary))
         return
     scenes = {n: scene(n) for n in a.points}
@@ -221,39 +225,35 @@ def main():
                      "checkpoint": a.checkpoint}, []
     print(f"{'device':6s} {'preset':9s} {'points':>8s} {'voxels':>8s} {'fwd s':>8s} {'fwd MiB':>8s} "
           f"{'f+b s':>8s} {'f+b MiB':>8s} {'act MiB':>8s}")
-    for dev_name in devices:
+    for dev_name, preset, cfg, net in networks(devices, a.presets, a.checkpoint):
         device = torch.device(dev_name)
-        for preset in a.presets:
-            cfg = replace(getattr(HUNetConfig, preset)(), checkpoint=a.checkpoint)
-            torch.manual_seed(0)
-            net = HUNet(cfg).to(device)
-            per = {}
-            for n, sc in scenes.items():
-                vox = voxelize_scene(sc, cfg.voxel_size, "first")
-                gc = vox["grid_coord"]
-                coords = torch.cat([torch.zeros(len(gc), 1, dtype=torch.int32), gc], 1)
-                r = measure(net, vox["feat"].to(device), coords.to(device), a.repeats, a.warmup)
-                r["voxels"] = len(gc)
-                per[n] = r
-                rows.append((dev_name, preset, n, r))
-                print(f"{dev_name:6s} {preset:9s} {n:8d} {len(gc):8d} {r['fwd_s']:8.2f} {r['fwd_mib']:8.0f} "
-                      f"{r['fwd_bwd_s']:8.2f} {r['fwd_bwd_mib']:8.0f} {r['act_mib']:8.0f}", flush=True)
-            lo, hi = min(per), max(per)
-            key = f"{dev_name}_{preset}"
-            for n, r in per.items():
-                for m in ("fwd_s", "fwd_bwd_s", "fwd_bwd_mib", "act_mib"):
-                    summary[f"{key}_{n // 1000}k_{m}"] = round(r[m], 3)
-            vr = per[hi]["voxels"] / per[lo]["voxels"]
-            for m in ("fwd_s", "fwd_bwd_s", "fwd_mib", "fwd_bwd_mib", "act_mib"):
-                ratio = per[hi][m] / max(per[lo][m], 1e-9)
-                summary[f"{key}_{m}_ratio"] = round(ratio, 2)
-                summary[f"{key}_{m}_per_voxel_ratio"] = round(ratio / vr, 2)
-            summary[f"{key}_voxel_ratio"] = round(vr, 2)
-            print(f"  {key}: {hi // 1000}k / {lo // 1000}k points -> voxels x{vr:.2f}, "
-                  + ", ".join(f"{m} x{summary[f'{key}_{m}_ratio']:.2f}"
-                              for m in ("fwd_s", "fwd_bwd_s", "fwd_mib", "fwd_bwd_mib", "act_mib")),
-                  flush=True)
-            del net
+        per = {}
+        for n, sc in scenes.items():
+            vox = voxelize_scene(sc, cfg.voxel_size, "first")
+            gc = vox["grid_coord"]
+            coords = torch.cat([torch.zeros(len(gc), 1, dtype=torch.int32), gc], 1)
+            r = measure(net, vox["feat"].to(device), coords.to(device), a.repeats, a.warmup)
+            r["voxels"] = len(gc)
+            per[n] = r
+            rows.append((dev_name, preset, n, r))
+            print(f"{dev_name:6s} {preset:9s} {n:8d} {len(gc):8d} {r['fwd_s']:8.2f} {r['fwd_mib']:8.0f} "
+                  f"{r['fwd_bwd_s']:8.2f} {r['fwd_bwd_mib']:8.0f} {r['act_mib']:8.0f}", flush=True)
+        lo, hi = min(per), max(per)
+        key = f"{dev_name}_{preset}"
+        for n, r in per.items():
+            for m in ("fwd_s", "fwd_bwd_s", "fwd_bwd_mib", "act_mib"):
+                summary[f"{key}_{n // 1000}k_{m}"] = round(r[m], 3)
+        vr = per[hi]["voxels"] / per[lo]["voxels"]
+        for m in ("fwd_s", "fwd_bwd_s", "fwd_mib", "fwd_bwd_mib", "act_mib"):
+            ratio = per[hi][m] / max(per[lo][m], 1e-9)
+            summary[f"{key}_{m}_ratio"] = round(ratio, 2)
+            summary[f"{key}_{m}_per_voxel_ratio"] = round(ratio / vr, 2)
+        summary[f"{key}_voxel_ratio"] = round(vr, 2)
+        print(f"  {key}: {hi // 1000}k / {lo // 1000}k points -> voxels x{vr:.2f}, "
+              + ", ".join(f"{m} x{summary[f'{key}_{m}_ratio']:.2f}"
+                          for m in ("fwd_s", "fwd_bwd_s", "fwd_mib", "fwd_bwd_mib", "act_mib")),
+              flush=True)
+        del net
     print(json.dumps(summary))
 
 
