@@ -9,6 +9,13 @@
    (fp32), HUNet `tiny` / `ablation` / `paper` cost on CUDA, pre-training steps per second, and multi-resolution
    feature sampling against the official dense-grid method.
 Nothing here is required on CPU machines: without CUDA the script says so and exits 0.
+
+Where commands are limited in time (a lent machine), run it in chunks, each writing its own report:
+
+    python benchmarks/cuda_report.py --skip-bench --out tests.md                          # tests only
+    python benchmarks/cuda_report.py --skip-tests --bench-only "sparse conv" --out sparse.md
+    python benchmarks/cuda_report.py --skip-tests --bench-only "HUNet" --out hunet.md
+    python benchmarks/cuda_report.py --skip-tests --bench-only "pre-training" "sampling" --out rest.md
 """
 import argparse
 import json
