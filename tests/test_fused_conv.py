@@ -185,3 +185,18 @@ def test_hunet_tiny_backend_triton_equals_torch(device):
         net.zero_grad()
     for a, b in zip(got["triton"], got["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_tf32_setting_of_either_api_is_read():
+    "torch's newer `fp32_precision` setting makes the older `allow_tf32` unreadable; the kernels read either."
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        pytest.skip("this torch has only allow_tf32")
+    before = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        assert fc._tf32_allowed()
+        m.fp32_precision = "ieee"
+        assert not fc._tf32_allowed()
+    finally:
+        m.fp32_precision = before
