@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .core import MSMError
-from .sparse import lookup
+from .kernel_maps import lookup
 from .voxelize import grid_sample, voxel_mean
 
 # %% auto #0

@@ -29,10 +29,11 @@ from msm.baseline_parts import (
 
 from .core import ConfigBase, MSMError
 from .hunet import HUNet, HUNetConfig
+from .kernel_maps import lookup
 from .masking import MaskConfig
 from .objective import EMATeacher, _batched, _items, feature_loss, match_views, normalise_targets
 from .pretrain import PretrainConfig, PretrainMethod  # msm.pretrain imports this module lazily: no cycle
-from .sparse import SparseTensor, lookup
+from .sparse import SparseTensor
 from .transforms import SphereCrop, Transform, default_pretrain_transform, two_views
 from .voxelize import voxelize_scene
 

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .core import ConfigBase, MSMError, default_device, seed_everything
+from .core import ConfigBase, MSMError, default_device
+from .kernel_maps import downsample, lookup
 from .serialize import CURVES, _check_curve, serialize, window_attention
-from .sparse import Conv3d, DropPath, RMSNorm, SparseTensor, downsample, lookup
+from .sparse import Conv3d, DropPath, RMSNorm, SparseTensor
 
 # %% auto #0
 __all__ = ['OFFICIAL_PREFIX', 'HUNetConfig', 'ResNetBlock', 'AttentionBlock', 'MaskedOutput', 'HUNet', 'random_backbone',
@@ -347,8 +348,10 @@ class HUNet(nn.Module):
 def random_backbone(config: HUNetConfig | str = "tiny", seed: int = 0, device: str | None = None) -> HUNet:
     "A randomly initialised HUNet in eval mode from a config or preset name; the same seed gives the same weights."
     config = HUNetConfig.preset(config) if isinstance(config, str) else config
-    seed_everything(seed)
-    return HUNet(config).to(default_device(device)).eval()
+    with torch.random.fork_rng(devices=[]):  # weights are built on the CPU; the caller's generators stay untouched
+        torch.manual_seed(seed)
+        model = HUNet(config)
+    return model.to(default_device(device)).eval()
 
 # %% ../nbs/06_hunet.ipynb #7b8a06be
 def count_parameters(model: HUNet) -> dict:

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from .core import ConfigBase, MSMError
 from .hunet import HUNet, HUNetConfig, random_backbone
+from .kernel_maps import lookup
 from .objective import _batched, _items
 from .pretrain import PretrainConfig, PretrainMethod
-from .sparse import SparseTensor, lookup
+from .sparse import SparseTensor
 from .transforms import SphereCrop, Transform, default_pretrain_transform
 from .voxelize import voxelize_scene
 

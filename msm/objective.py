@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from .core import ConfigBase, MSMError
 from .hunet import HUNet, HUNetConfig
+from .kernel_maps import lookup
 from .masking import MaskConfig
-from .sparse import SparseTensor, lookup
+from .sparse import SparseTensor
 from .transforms import SphereCrop, Transform, two_views
 from .voxelize import voxelize_scene
 

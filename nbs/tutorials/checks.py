@@ -102,7 +102,7 @@ def _check_map_format(res, K: int, M: int, where: str):
 
 
 def check_kernel_map(build_kernel_map) -> dict:
-    """Exercise 1: `build_kernel_map(coords, kernel_size)` gives, offset by offset, the pairs of `msm.sparse.kernel_map`,
+    """Exercise 1: `build_kernel_map(coords, kernel_size)` gives, offset by offset, the pairs of `msm.kernel_maps.kernel_map`,
     and a sparse convolution over that map equals `msm.sparse.Conv3d`."""
     cases = {"toy 2D (the picture of 03a_kernel_maps)": (toy_coords(), 3), "random, 2 scenes, kernel 3": (random_coords(300), 3),
              "random, 2 scenes, kernel 5": (random_coords(300, seed=1), 5), "two sample rooms at 4 cm": (room_coords(), 3)}

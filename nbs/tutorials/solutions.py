@@ -10,7 +10,7 @@ import itertools
 
 import torch
 
-from msm.sparse import kernel_offsets, lookup
+from msm.kernel_maps import kernel_offsets, lookup
 
 
 def _l2_per_voxel(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
