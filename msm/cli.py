@@ -26,10 +26,12 @@ __all__ = ['load_backbone', 'build_parser', 'parse_settings', 'pretrain_config',
 # %% ../nbs/13_cli.ipynb #a4393487
 def load_backbone(path: str | os.PathLike, device: str | None = None):
     "A frozen-ready HUNet from an `msm pretrain` checkpoint or the official released weights (file `path`)."
-    from msm.hunet import OFFICIAL_PREFIX, HUNet, HUNetConfig, _read_checkpoint, _state_dict_of, load_official
+    from msm.core import default_device, read_checkpoint
+    from msm.hunet import HUNet, HUNetConfig
+    from msm.official import OFFICIAL_PREFIX, load_official, state_dict_of
     path = Path(path)
-    ckpt = _read_checkpoint(path)  # MSMError naming the file when it is missing, unreadable or not a dict
-    if any(str(k).startswith(OFFICIAL_PREFIX) for k in _state_dict_of(ckpt, weights_only=True)):
+    ckpt = read_checkpoint(path)  # MSMError naming the file when it is missing, unreadable or not a dict
+    if any(str(k).startswith(OFFICIAL_PREFIX) for k in state_dict_of(ckpt)):
         model = load_official(ckpt)
     elif "config" in ckpt and "model" in ckpt:
         cfg = ckpt["config"]
@@ -42,7 +44,6 @@ def load_backbone(path: str | os.PathLike, device: str | None = None):
     else:
         raise MSMError(f"{path}: neither an `msm pretrain` checkpoint (keys 'model' + 'config') "
                        f"nor official MSM weights (keys 'module.student.*'); found keys {list(ckpt)[:8]}")
-    from msm.core import default_device
     return model.to(default_device(device)).eval()
 
 # %% ../nbs/13_cli.ipynb #c661f26a

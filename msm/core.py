@@ -1,4 +1,5 @@
-"""The glossary, the scene-dict contract and its validation, user-facing errors, seeding and device helpers.
+"""The glossary, the scene-dict contract and its validation, user-facing errors, seeding, device helpers and
+checkpoint files.
 
 Docs: https://github.com/msm-devs/msm/core.html.md"""
 
@@ -7,17 +8,19 @@ Docs: https://github.com/msm-devs/msm/core.html.md"""
 # %% ../nbs/00_core.ipynb #c3d6dd9a
 from __future__ import annotations
 
+import os
 import random
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['GLOSSARY', 'SCENE_FIELDS', 'MSMError', 'validate_scene', 'seed_everything', 'default_device', 'to_device',
-           'model_device', 'num_threads', 'ConfigBase']
+           'model_device', 'num_threads', 'save_checkpoint', 'read_checkpoint', 'ConfigBase']
 
 # %% ../nbs/00_core.ipynb #fb808f31
 GLOSSARY = {
@@ -158,6 +161,35 @@ def model_device(model) -> torch.device:
 def num_threads() -> int:
     "Threads torch uses for CPU ops (set OMP_NUM_THREADS or torch.set_num_threads to change it)."
     return torch.get_num_threads()
+
+# %% ../nbs/00_core.ipynb #9f62b9c7
+def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
+    "`torch.save(obj)` to `path` atomically: a temporary file next to it, flushed to disk, then renamed over `path`."
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the previous checkpoint at `path` is untouched
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict:
+    "The dict saved in checkpoint file `path`, on the CPU; `MSMError` naming the file when it is missing, unreadable or no dict."
+    if not os.path.isfile(path):
+        raise MSMError(f"{path}: checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:
+        why = str(e).partition("\n")[0][:200]
+        raise MSMError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from None
+    if not isinstance(ckpt, dict):
+        raise MSMError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    return ckpt
 
 # %% ../nbs/00_core.ipynb #4f9925d7
 def _from_plain(hint, v, source: str):

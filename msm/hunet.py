@@ -1,5 +1,5 @@
-"""The hybrid sparse-convolution / attention U-Net of Masked Scene Modeling: blocks, the encoder-decoder, presets,
-the masked forward used by pre-training, and loading of the official weights.
+"""The hybrid sparse-convolution / attention U-Net of Masked Scene Modeling: blocks, the encoder-decoder, presets
+and the masked forward used by pre-training.
 
 Docs: https://github.com/msm-devs/msm/hunet.html.md"""
 
@@ -8,7 +8,6 @@ Docs: https://github.com/msm-devs/msm/hunet.html.md"""
 # %% ../nbs/06_hunet.ipynb #b85b40f4
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,8 +22,7 @@ from .serialize import CURVES, _check_curve, serialize, window_attention
 from .sparse import Conv3d, DropPath, RMSNorm, SparseTensor
 
 # %% auto #0
-__all__ = ['OFFICIAL_PREFIX', 'HUNetConfig', 'ResNetBlock', 'AttentionBlock', 'MaskedOutput', 'HUNet', 'random_backbone',
-           'count_parameters', 'official_names', 'load_official', 'to_official']
+__all__ = ['HUNetConfig', 'ResNetBlock', 'AttentionBlock', 'MaskedOutput', 'HUNet', 'random_backbone', 'count_parameters']
 
 # %% ../nbs/06_hunet.ipynb #c744279a
 _BLOCK_TYPES = ("hybrid", "conv", "attention")
@@ -361,110 +359,12 @@ def count_parameters(model: HUNet) -> dict:
     return {"encoder": enc, "decoder": total - enc, "total": total}
 
 # %% ../nbs/06_hunet.ipynb #5b222d8d
-_RES = {"norm.scale": "norm.norm.scale", "conv1.kernel": "conv1.weight", "conv2.kernel": "conv2.weight",
-        "post_norm.scale": "norm_post_layer.norm.scale", "gamma": "skip_path.gamma"}
-_ATT = {"norm.scale": "norm.norm.scale", "qkv.weight": "linear_in.weight", "proj.weight": "linear_out.weight",
-        "gamma1": "skip_path_1.gamma", "mlp_norm.scale": "mlp_norm.norm.scale", "mlp_in.weight": "mlp_lin_1.weight",
-        "mlp_out.weight": "mlp_lin_2.weight", "gamma2": "skip_path_2.gamma"}
-OFFICIAL_PREFIX = "module.student."
+_OFFICIAL = ("OFFICIAL_PREFIX", "official_names", "load_official", "to_official")
 
 
-def official_names(model: HUNet) -> dict:
-    "Our parameter name -> (official name without prefix, conv kind 'odd' / 'k2' / None)."
-    L = model.n_levels
-    m = {"stem.weight": ("init_transform.0.weight", None), "stem.bias": ("init_transform.0.bias", None),
-         "stem_norm.scale": ("init_transform.1.norm.scale", None), "dec_norm.scale": ("decoder_init_norm.norm.scale", None)}
-    for i in range(L - 1):
-        j = L - 2 - i  # official index of the up / skip modules of our level i
-        m.update({f"down.{i}.conv.kernel": (f"down.{i}.0.weight", "k2"), f"down.{i}.conv.bias": (f"down.{i}.0.bias", None),
-                  f"down.{i}.norm.scale": (f"down.{i}.1.norm.scale", None),
-                  f"up.{i}.norm.scale": (f"up.{j}.0.norm.scale", None), f"up.{i}.conv.kernel": (f"up.{j}.1.weight", "k2"),
-                  f"up.{i}.conv.bias": (f"up.{j}.1.bias", None), f"skip.{i}.gamma": (f"skip.{j}.gamma", None),
-                  f"skip.{i}.norm.scale": (f"linears_skip.{j}.0.norm.scale", None),
-                  f"skip.{i}.linear.weight": (f"linears_skip.{j}.1.weight", None),
-                  f"skip.{i}.linear.bias": (f"linears_skip.{j}.1.bias", None)})
-    for side, stages in (("enc", model.enc), ("dec", model.dec)):
-        for lv, stage in enumerate(stages):
-            s = lv if side == "enc" else L - 1 - lv
-            n_res = sum(isinstance(b, ResNetBlock) for b in stage.blocks)
-            for b, blk in enumerate(stage.blocks):
-                res = isinstance(blk, ResNetBlock)
-                pre = f"resnet_{side}.{s}.{b}." if res else f"att_{side}.{s}.{b - n_res + 1}."
-                for ours, theirs in (_RES if res else _ATT).items():
-                    m[f"{side}.{lv}.blocks.{b}.{ours}"] = (pre + theirs, "odd" if "conv" in ours else None)
-    return m
-
-
-def _from_spconv(w: torch.Tensor, kind: str | None) -> torch.Tensor:
-    "spconv weight (C_out, k, k, k, C_in) -> our kernel (k^3, C_in, C_out); other tensors unchanged."
-    if kind == "odd":  # x fastest: (k_z, k_y, k_x, C_in, C_out)
-        return w.permute(3, 2, 1, 4, 0).reshape(-1, w.shape[4], w.shape[0])
-    if kind == "k2":  # z fastest: (k_x, k_y, k_z, C_in, C_out)
-        return w.permute(1, 2, 3, 4, 0).reshape(-1, w.shape[4], w.shape[0])
-    return w
-
-
-def _to_spconv(k: torch.Tensor, kind: str | None) -> torch.Tensor:
-    "Inverse of `_from_spconv`."
-    if kind is None:
-        return k
-    n = round(k.shape[0] ** (1 / 3))
-    w = k.reshape(n, n, n, k.shape[1], k.shape[2])
-    return (w.permute(4, 2, 1, 0, 3) if kind == "odd" else w.permute(4, 0, 1, 2, 3)).contiguous()
-
-
-def _read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict:
-    "The dict saved in checkpoint file `path`, on the CPU; `MSMError` naming the file when it is missing, unreadable or no dict."
-    if not os.path.isfile(path):
-        raise MSMError(f"{path}: checkpoint file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as e:
-        why = str(e).partition("\n")[0][:200]
-        raise MSMError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from None
-    if not isinstance(ckpt, dict):
-        raise MSMError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    return ckpt
-
-
-def _state_dict_of(src, weights_only: bool) -> dict:
-    "A bare state dict from a path or a dict (ckpt['state_dict'], ckpt['model'] or the dict itself)."
-    if isinstance(src, (str, os.PathLike)):
-        src = _read_checkpoint(src, weights_only)
-    if not isinstance(src, dict):
-        raise MSMError(f"expected a checkpoint dict or a path, got {type(src).__name__}")
-    for key in ("state_dict", "model"):
-        if isinstance(src.get(key), dict):
-            return src[key]
-    return src
-
-
-def load_official(src, config: HUNetConfig | None = None, weights_only: bool = True) -> HUNet:
-    "A HUNet (paper preset unless `config`) with the weights of an official-layout checkpoint (path or dict)."
-    sd = _state_dict_of(src, weights_only)
-    prefix = OFFICIAL_PREFIX if any(k.startswith(OFFICIAL_PREFIX) for k in sd) else ""
-    theirs = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}  # other prefixes (teacher) ignored
-    model = HUNet(config or HUNetConfig.paper())
-    if model.config.block_types != "hybrid":
-        raise MSMError("load_official: the official layout exists for block_types='hybrid' only")
-    names, own = official_names(model), model.state_dict()
-    wanted = {off: ours for ours, (off, _) in names.items()}
-    extra, missing = sorted(set(theirs) - set(wanted)), sorted(set(wanted) - set(theirs))
-    if extra or missing:
-        raise MSMError(f"load_official: {len(extra)} checkpoint tensor(s) have no place in this HUNet {extra[:8]}, "
-                       f"{len(missing)} tensor(s) are missing {missing[:8]} (a checkpoint of another model or preset?)")
-    new = {}
-    for ours, (off, kind) in names.items():
-        w = _from_spconv(torch.as_tensor(theirs[off]), kind)
-        if w.shape != own[ours].shape:
-            raise MSMError(f"load_official: '{prefix}{off}' has shape {tuple(theirs[off].shape)}, this HUNet needs "
-                           f"{tuple(_to_spconv(own[ours], kind).shape)} (a checkpoint of another preset?)")
-        new[ours] = w.to(own[ours].dtype)
-    model.load_state_dict(new, strict=True)
-    return model
-
-
-def to_official(model: HUNet, prefix: str = OFFICIAL_PREFIX) -> dict:
-    "The model's weights as an official-layout state dict (`prefix` + official names, spconv conv layouts)."
-    own = model.state_dict()
-    return {prefix + off: _to_spconv(own[ours].detach().clone(), kind) for ours, (off, kind) in official_names(model).items()}
+def __getattr__(name: str):
+    "Names of `msm.official` reached through this module (PEP 562: called only for names not defined here)."
+    if name in _OFFICIAL:
+        from msm import official
+        return getattr(official, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,16 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import ConfigBase, MSMError, model_device, seed_everything
+from .core import ConfigBase, MSMError, model_device, read_checkpoint, save_checkpoint, seed_everything
 from .data import SceneDataset
-from .hunet import HUNetConfig, _read_checkpoint
+from .hunet import HUNetConfig
 from .masking import MaskConfig
 from .objective import MaskedSceneModel, ObjectiveConfig, PairSampler, collate_pairs, ema_momentum
 from .transforms import default_pretrain_transform
 
 # %% auto #0
 __all__ = ['MSM', 'PretrainConfig', 'replace_fields', 'total_steps', 'warmup_steps', 'lr_at', 'PretrainMethod', 'n_levels',
-           'get_method', 'step_seed', 'StepSamples', 'config_diff', 'save_checkpoint', 'load_checkpoint', 'pretrain']
+           'get_method', 'step_seed', 'StepSamples', 'config_diff', 'load_checkpoint', 'pretrain']
 
 # %% ../nbs/09_pretrain.ipynb #2e5801eb
 _NESTED = {"model": HUNetConfig, "objective": ObjectiveConfig, "mask": MaskConfig}
@@ -254,20 +254,12 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(path: Path, obj: dict) -> None:
-    "torch.save to a temporary file next to `path`, then `os.replace` (never a half-written checkpoint)."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path) -> dict:
     "Read an `msm pretrain` checkpoint (weights only); `MSMError` naming the file when it cannot be used."
     path = Path(path)
     if not path.is_file():
         raise MSMError(f"{path}: no checkpoint to resume from")
-    ckpt = _read_checkpoint(path)
+    ckpt = read_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "step", "config", "method") if k not in ckpt]
     if missing:
         raise MSMError(f"{path}: not an `msm pretrain` checkpoint (missing {', '.join(missing)})")

@@ -15,7 +15,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from msm.hunet import HUNetConfig, load_official
+from msm.hunet import HUNetConfig
+from msm.official import load_official
 from msm.sparse import SparseTensor, lookup
 
 REF, CKPT = os.environ.get("MSM_OFFICIAL_REF"), os.environ.get("MSM_OFFICIAL_CKPT")
