@@ -32,7 +32,10 @@ def load_backbone(path: str | os.PathLike, device: str | None = None):
     path = Path(path)
     ckpt = read_checkpoint(path)  # MSMError naming the file when it is missing, unreadable or not a dict
     if any(str(k).startswith(OFFICIAL_PREFIX) for k in state_dict_of(ckpt)):
-        model = load_official(ckpt)
+        try:
+            model = load_official(ckpt)
+        except MSMError as e:
+            raise MSMError(f"{path}: {e}") from None
     elif "config" in ckpt and "model" in ckpt:
         cfg = ckpt["config"]
         model_cfg = cfg.get("model", cfg) if isinstance(cfg, dict) else cfg
@@ -74,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Under torchrun it runs DistributedDataParallel.")
     t.add_argument("--preset", default="tiny", help="tiny | ablation | paper (default: tiny)")
     t.add_argument("--data", required=True, help="data root with train/ (Pointcept layout)")
+    t.add_argument("--split", default="train", help="split folder(s) to train on, comma-separated (default: train; "
+                   "S3DIS in Pointcept's layout: Area_1,Area_2,Area_3,Area_4,Area_6)")
     t.add_argument("--out", required=True, help="output folder")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=int, default=None, help="number of epochs")
@@ -97,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--random-init", action="store_true", help="probe a randomly initialised network of --preset")
     r.add_argument("--preset", default="tiny", help="preset for --random-init (default: tiny)")
     r.add_argument("--data", required=True, help="data root with train/ and val/ (labelled)")
+    r.add_argument("--train-split", default="train", help="split folder(s) the probe is fitted on, comma-separated "
+                   "(default: train; S3DIS: Area_1,Area_2,Area_3,Area_4,Area_6)")
+    r.add_argument("--val-split", default="val", help="split folder(s) it is measured on (default: val; S3DIS: Area_5)")
+    r.add_argument("--labels", default=None, metavar="KEY", help="label file to read, e.g. segment200 for ScanNet-200 "
+                   "(default: the scene's first of segment20, segment, segment200, ...)")
+    r.add_argument("--n-classes", type=int, default=None, help="number of classes (default: from the label file)")
     r.add_argument("--mode", choices=["linear", "knn"], default="linear")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--epochs", type=int, default=None, help="linear probe epochs (default: the probe config's)")
@@ -159,7 +170,7 @@ def pretrain_config(a):
 def _cmd_pretrain(a):
     from msm.pretrain import pretrain
     pretrain(pretrain_config(a), a.data, a.out, max_steps=a.max_steps, epochs=a.epochs, resume=a.resume,
-             method=a.method, progress=not a.no_progress)
+             method=a.method, progress=not a.no_progress, split=a.split)
 
 
 def _cmd_probe(a):
@@ -172,7 +183,8 @@ def _cmd_probe(a):
     else:
         model = load_backbone(a.ckpt)
     cfg = ProbeConfig(seed=a.seed) if a.epochs is None else ProbeConfig(seed=a.seed, epochs=a.epochs)
-    res = run_probe(model, a.data, mode=a.mode, out_dir=a.out, config=cfg)
+    res = run_probe(model, a.data, mode=a.mode, out_dir=a.out, config=cfg, n_classes=a.n_classes,
+                    train_split=a.train_split, val_split=a.val_split, label_key=a.labels)
     print(json.dumps({k: res[k] for k in ("miou", "macc", "oa")}))
 
 
@@ -202,16 +214,28 @@ _HANDLERS = {"demo": _cmd_demo, "pretrain": _cmd_pretrain, "probe": _cmd_probe, 
              "viz": _cmd_viz, "make-samples": _cmd_make_samples}
 
 
+def _one_line(e: Exception) -> str:
+    "The message of an error, without the worker traceback a DataLoader wraps around errors raised in its workers."
+    msg = str(e)
+    if msg.startswith("Caught ") and "Original Traceback" in msg:  # "...\nmsm.core.MSMError: <the message>"
+        msg = msg.rstrip().splitlines()[-1].partition(": ")[2] or msg
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `msm` console script; returns the exit status (2 for errors the user can fix)."
     args = build_parser().parse_args(argv)
+    who = f"msm {args.command}" + (f" (rank {os.environ['RANK']})" if os.environ.get("RANK", "0") != "0" else "")
     try:
         _HANDLERS[args.command](args)
     except MSMError as e:
-        print(f"msm {args.command}: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
-        print(f"msm {args.command}: error: {e.filename or e}: file not found", file=sys.stderr)
+        print(f"{who}: error: {e.filename or e}: file not found", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder where a file should be, no permission, a full disk: the path and the reason
+        print(f"{who}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"msm {args.command}: interrupted", file=sys.stderr)

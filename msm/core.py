@@ -166,6 +166,8 @@ def num_threads() -> int:
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
     "`torch.save(obj)` to `path` atomically: a temporary file next to it, flushed to disk, then renamed over `path`."
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a process killed mid-save (SIGKILL, power loss)
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -176,10 +178,28 @@ def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)  # the previous checkpoint at `path` is untouched
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    "Force a folder's entries (a rename) to disk where the OS allows opening a folder (POSIX)."
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict:
     "The dict saved in checkpoint file `path`, on the CPU; `MSMError` naming the file when it is missing, unreadable or no dict."
+    if os.path.isdir(path):
+        hint = f" (did you mean {Path(path) / 'checkpoint.pt'}?)" if (Path(path) / "checkpoint.pt").is_file() else ""
+        raise MSMError(f"{path}: a folder, not a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise MSMError(f"{path}: checkpoint file not found")
     try:
@@ -201,6 +221,26 @@ def _from_plain(hint, v, source: str):
         if isinstance(v, list) and (t is tuple or typing.get_origin(t) is tuple):
             return tuple(v)
     return v
+
+
+def _fits(hint, v) -> bool:
+    "Whether `v` has the type annotation `hint` asks for (an int is a float; a bool is not a number)."
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(t, v) for t in typing.get_args(hint))
+    if hint is None or hint is type(None):
+        return v is None
+    t = typing.get_origin(hint) or hint
+    if not isinstance(t, type):  # Any, Literal, ...: not checked
+        return True
+    if t in (int, float) and isinstance(v, bool):
+        return False
+    return isinstance(v, (int, float)) if t is float else isinstance(v, t)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(hint))
+    return "null" if hint is None or hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 @dataclass
@@ -238,3 +278,14 @@ class ConfigBase:
             else:
                 kw[k] = _from_plain(hints[k], v, f"{source} [{k}]")
         return cls(**kw)
+
+    def check_types(self, source: str = "config", _prefix: str = "") -> None:
+        "`MSMError` naming `source` and the (dotted) field whose value lacks its annotated type; nested configs too."
+        from dataclasses import fields
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            v, name = getattr(self, f.name), _prefix + f.name
+            if isinstance(v, ConfigBase):
+                v.check_types(source, name + ".")
+            elif not _fits(hints[f.name], v):
+                raise MSMError(f"{source}: {name} = {v!r} should be {_type_name(hints[f.name])}")

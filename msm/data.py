@@ -19,8 +19,8 @@ import torch
 from .core import MSMError, validate_scene
 
 # %% auto #0
-__all__ = ['SCANNET20_CLASSES', 'S3DIS_CLASSES', 'EXTRA_FIELDS', 'load_scene', 'save_scene', 'list_scenes', 'SceneDataset',
-           'synthetic_room', 'make_samples']
+__all__ = ['SCANNET20_CLASSES', 'S3DIS_CLASSES', 'EXTRA_FIELDS', 'load_scene', 'save_scene', 'list_scenes', 'check_scenes',
+           'SceneDataset', 'synthetic_room', 'make_samples']
 
 # %% ../nbs/01_data.ipynb #438a97ce
 SCANNET20_CLASSES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
@@ -210,6 +210,9 @@ def load_scene(path: str | os.PathLike, n_classes: int | None = None, label_key:
     else:
         raise MSMError(f"{path}: unknown scene format '{path.suffix}' (supported: a Pointcept scene folder, a raw "
                        "S3DIS room folder, .ply, .pth, .npz, .npy)")
+    if n_classes is not None and known is not None and int(n_classes) != known:
+        raise MSMError(f"{path}: its labels are of a {known}-class label space, but n_classes={n_classes} was asked "
+                       "(pick the label file with label_key, e.g. 'segment200', or `msm probe --labels`)")
     return validate_scene(scene, str(path), n_classes=n_classes if n_classes is not None else known)
 
 
@@ -231,26 +234,49 @@ def save_scene(scene: dict, folder: str | os.PathLike, label_key: str = "segment
     return folder
 
 # %% ../nbs/01_data.ipynb #3ff2832c
-def list_scenes(root: str | os.PathLike, split: str) -> list[Path]:
-    "The scenes (Pointcept folders, raw S3DIS rooms, scene files) of `root/split`, sorted by name."
+def list_scenes(root: str | os.PathLike, split: str | list[str]) -> list[Path]:
+    "The scenes of `root/split`, sorted by name; `split` may join several folders ('Area_1,Area_2' or a list)."
     root = Path(root)
     if not root.is_dir():
         raise MSMError(f"{root}: data root not found")
-    d = root / split
-    if not d.is_dir():
-        found = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise MSMError(f"{root}: no '{split}' split folder (found: {', '.join(found) or 'nothing'})")
-    scenes = sorted(p for p in d.iterdir() if (p.is_dir() and ((p / "coord.npy").exists() or (p / "Annotations").is_dir()))
-                    or (p.is_file() and p.suffix.lower() in _SUFFIXES))
-    if not scenes:
-        raise MSMError(f"{d}: no scenes (expected folders with coord.npy, or .ply / .pth / .npz / .npy files)")
+    splits = [s.strip() for s in (split.split(",") if isinstance(split, str) else split) if s.strip()]
+    if not splits:
+        raise MSMError(f"{root}: no split folder named (got {split!r})")
+    scenes = []
+    for name in splits:
+        d = root / name
+        if not d.is_dir():
+            found = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise MSMError(f"{root}: no '{name}' split folder (found: {', '.join(found) or 'nothing'})")
+        here = sorted(p for p in d.iterdir() if (p.is_dir() and ((p / "coord.npy").exists() or (p / "Annotations").is_dir()))
+                      or (p.is_file() and p.suffix.lower() in _SUFFIXES))
+        if not here:
+            raise MSMError(f"{d}: no scenes (expected folders with coord.npy, or .ply / .pth / .npz / .npy files)")
+        scenes += here
     return scenes
+
+
+def check_scenes(paths) -> None:
+    "Cheap check before a long run: every scene's files are there and every .npy header and size is readable."
+    bad = []
+    for p in map(Path, paths):
+        files = sorted(p.glob("*.npy")) if p.is_dir() else [p]
+        for f in files:
+            try:
+                if not f.exists() or f.stat().st_size == 0:
+                    raise ValueError("missing or empty")
+                if f.suffix == ".npy":
+                    np.load(f, mmap_mode="r")  # reads the header and maps the data: a truncated file fails here
+            except (OSError, ValueError) as e:
+                bad.append(f"{f} ({str(e).partition(chr(10))[0][:80]})")
+    if bad:
+        raise MSMError(f"{len(bad)} unreadable scene file(s): " + "; ".join(bad[:10]) + ("; ..." if len(bad) > 10 else ""))
 
 
 class SceneDataset(torch.utils.data.Dataset):
     "The validated scenes of `root/split` (plus `name`), optionally transformed; loaded scenes are cached in memory."
 
-    def __init__(self, root, split: str, transform=None, n_classes: int | None = None, cache: bool = True,
+    def __init__(self, root, split: str | list[str], transform=None, n_classes: int | None = None, cache: bool = True,
                  label_key: str | None = None):
         self.paths, self.transform, self.n_classes = list_scenes(root, split), transform, n_classes
         self.cache, self.label_key, self._store = cache, label_key, {}

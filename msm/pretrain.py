@@ -8,12 +8,15 @@ Docs: https://github.com/msm-devs/msm/pretrain.html.md"""
 # %% ../nbs/09_pretrain.ipynb #895dd260
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
 import os
 import random
 import time
+import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -23,8 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import ConfigBase, MSMError, model_device, read_checkpoint, save_checkpoint, seed_everything
-from .data import SceneDataset
+from .core import ConfigBase, MSMError, _from_plain, model_device, read_checkpoint, save_checkpoint, seed_everything
+from .data import SceneDataset, check_scenes
 from .hunet import HUNetConfig
 from .masking import MaskConfig
 from .objective import MaskedSceneModel, ObjectiveConfig, PairSampler, collate_pairs, ema_momentum
@@ -36,7 +39,8 @@ __all__ = ['MSM', 'PretrainConfig', 'replace_fields', 'total_steps', 'warmup_ste
 
 # %% ../nbs/09_pretrain.ipynb #2e5801eb
 _NESTED = {"model": HUNetConfig, "objective": ObjectiveConfig, "mask": MaskConfig}
-_RUNTIME = ("num_workers", "log_every", "save_every", "tensorboard", "cache_scenes")  # may change on resume
+_RUNTIME = ("num_workers", "log_every", "save_every", "tensorboard", "cache_scenes", "max_skipped_steps",
+            "ddp_find_unused")  # may change on resume
 
 
 @dataclass
@@ -54,7 +58,7 @@ class PretrainConfig(ConfigBase):
     batch_size: int = 12  # scenes per step, global (split over DDP processes)
     epochs: int = 1800  # run length when neither max_steps nor an explicit length is given
     max_steps: int | None = None  # run length in steps (overrides epochs when set)
-    warmup_epochs: float = 60  # warm-up length, as a share warmup_epochs / epochs of the run
+    warmup_epochs: float = 60  # warm-up length, as a share warmup_epochs / epochs of the run (must be < epochs)
     lr: float = 1.5e-3  # peak learning rate (Table 14)
     final_lr_ratio: float = 0.0  # learning rate at the end of the cosine, relative to lr
     weight_decay: float = 0.05  # AdamW (Table 14)
@@ -67,6 +71,8 @@ class PretrainConfig(ConfigBase):
     log_every: int = 10  # steps between lines of metrics.jsonl
     save_every: int = 1000  # steps between checkpoints (and one at the end)
     tensorboard: bool = True  # also write TensorBoard scalars to OUT/tb when tensorboard is installed
+    max_skipped_steps: int = 20  # non-finite steps in a row (skipped, weights untouched) before the run stops
+    ddp_find_unused: bool = True  # DDP looks for parameters without a gradient in a step (see "Several processes")
     seed: int = 0
 
     @classmethod
@@ -95,6 +101,25 @@ class PretrainConfig(ConfigBase):
         "A copy with fields replaced; dotted names reach into sub-configs (`**{'model.drop_path': 0.0}`)."
         return replace_fields(self, **kw)
 
+    def check(self, source: str = "PretrainConfig") -> PretrainConfig:
+        "`MSMError` naming the field when a value has the wrong type or is out of range; returns the config."
+        self.check_types(source)
+        at_least = {"batch_size": 1, "epochs": 1, "crop_points": 1, "log_every": 1, "save_every": 1,
+                    "num_workers": 0, "max_skipped_steps": 1, "warmup_epochs": 0, "weight_decay": 0}
+        for name, lo in at_least.items():
+            if getattr(self, name) < lo:
+                raise MSMError(f"{source}: {name} = {getattr(self, name)!r} must be at least {lo}")
+        checks = [("lr", self.lr > 0, "must be > 0"), ("max_steps", self.max_steps is None or self.max_steps >= 1,
+                   "must be at least 1 (or null: the length comes from epochs)"),
+                  ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be > 0 (or null: no clipping)"),
+                  ("final_lr_ratio", 0 <= self.final_lr_ratio <= 1, "must lie in [0, 1]"),
+                  ("warmup_epochs", self.warmup_epochs < self.epochs, f"must be below epochs ({self.epochs})"),
+                  ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "must be two numbers in [0, 1)")]
+        for name, ok, why in checks:
+            if not ok:
+                raise MSMError(f"{source}: {name} = {getattr(self, name)!r} {why}")
+        return self
+
 
 def replace_fields(cfg, **kw):
     "dataclasses.replace with dotted names for nested configs and `MSMError` for unknown fields."
@@ -110,6 +135,8 @@ def replace_fields(cfg, **kw):
     unknown = sorted(set(top) - names) + sorted(k for k in nested if k not in names)
     if unknown:
         raise MSMError(f"{type(cfg).__name__}: unknown field(s) {unknown}")
+    hints = typing.get_type_hints(type(cfg))
+    top = {k: _from_plain(hints[k], v, k) for k, v in top.items()}  # JSON lists -> tuples, dicts -> sub-configs
     for head, sub in nested.items():
         top[head] = replace_fields(top.get(head, getattr(cfg, head)), **sub)
     return dataclasses.replace(cfg, **top)
@@ -128,8 +155,17 @@ def total_steps(config: PretrainConfig, n_scenes: int, max_steps: int | None = N
 
 
 def warmup_steps(config: PretrainConfig, total: int) -> int:
-    "Warm-up steps: the share `warmup_epochs / epochs` of the run."
+    "Warm-up steps: the share `warmup_epochs / epochs` of the run (`warmup_epochs` epochs when it runs `epochs`)."
     return min(total, round(total * config.warmup_epochs / config.epochs)) if config.epochs > 0 else 0
+
+
+def _with_length(config: PretrainConfig, max_steps: int | None, epochs: int | None) -> PretrainConfig:
+    "The config with the run length of `pretrain(max_steps=..., epochs=...)` written into it (saved, compared on resume)."
+    if max_steps is not None and epochs is not None:
+        raise MSMError("give either max_steps or epochs, not both")
+    if epochs is not None:
+        return config.replace(epochs=int(epochs), max_steps=None)
+    return config if max_steps is None else config.replace(max_steps=int(max_steps))
 
 
 def lr_at(step: int, total: int, config: PretrainConfig) -> float:
@@ -239,19 +275,20 @@ def config_diff(saved: dict, config: PretrainConfig) -> list[str]:
 
 def _rng_state() -> dict:
     st = np.random.get_state()
-    out = {"python": random.getstate(), "numpy": [st[0], torch.from_numpy(st[1].copy()), *st[2:]],
-           "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
+    return {"python": random.getstate(), "numpy": [st[0], torch.from_numpy(st[1].copy()), *st[2:]],
+            "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(st: dict) -> None:
     random.setstate(tuple(st["python"][:1]) + (tuple(st["python"][1]),) + tuple(st["python"][2:]))
     np.random.set_state((st["numpy"][0], st["numpy"][1].numpy(), *st["numpy"][2:]))
     torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _data_id(scenes: SceneDataset) -> dict:
+    "What a checkpoint remembers of its training data: the number of scenes and a digest of their names."
+    names = "\n".join(f"{p.parent.name}/{p.name}" for p in scenes.paths)
+    return {"n_scenes": len(scenes), "names_sha1": hashlib.sha1(names.encode()).hexdigest()}
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -260,23 +297,33 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise MSMError(f"{path}: no checkpoint to resume from")
     ckpt = read_checkpoint(path)
-    missing = [k for k in ("model", "optimizer", "step", "config", "method") if k not in ckpt]
+    missing = [k for k in ("model", "optimizer", "step", "total_steps", "config", "method") if k not in ckpt]
     if missing:
         raise MSMError(f"{path}: not an `msm pretrain` checkpoint (missing {', '.join(missing)})")
     return ckpt
 
 
-def _check_resume(ckpt: dict, path: Path, config: PretrainConfig, method: str, total: int) -> None:
+def _check_resume(ckpt: dict, path: Path, config: PretrainConfig, method: str, total: int, data: dict,
+                  world: int) -> None:
     if ckpt["method"] != method:
         raise MSMError(f"{path}: checkpoint of method '{ckpt['method']}', this run uses '{method}'")
+    saved = ckpt.get("data", data)
+    if saved["n_scenes"] != data["n_scenes"]:
+        raise MSMError(f"{path}: checkpoint of a run on {saved['n_scenes']} training scenes, this run has "
+                       f"{data['n_scenes']} (resume on the same data)")
+    if saved["names_sha1"] != data["names_sha1"]:
+        raise MSMError(f"{path}: checkpoint of a run on other training scenes (same number, other names)")
+    if ckpt.get("total_steps") != total:
+        raise MSMError(f"{path}: checkpoint of a {ckpt.get('total_steps')}-step run, this run has {total} steps "
+                       "(the schedule depends on the run length: resume with the same --max-steps / --epochs)")
     diff = config_diff(ckpt["config"], config)
     if diff:
         shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
         raise MSMError(f"{path}: checkpoint of preset '{ckpt['config'].get('name')}' with another config than this "
                        f"run (preset '{config.name}'): {shown}")
-    if ckpt.get("total_steps") != total:
-        raise MSMError(f"{path}: checkpoint of a {ckpt.get('total_steps')}-step run, this run has {total} steps "
-                       "(the schedule depends on the run length: resume with the same --max-steps / --epochs)")
+    if ckpt.get("world_size", world) != world:
+        warnings.warn(f"{path}: checkpoint of {ckpt['world_size']} processes resumed by {world}: same data per step, "
+                      "other drop-path draws, so not bit-for-bit the run it continues", stacklevel=3)
 
 # %% ../nbs/09_pretrain.ipynb #7d790996
 def _init_distributed() -> tuple[int, int, int, bool]:
@@ -322,7 +369,7 @@ class _RunLog:
             out.mkdir(parents=True, exist_ok=True)
             if resume:  # drop lines logged after the checkpoint (a kill between a log and the next save)
                 old = self.path.read_text().splitlines() if self.path.exists() else []
-                keep = [ln for ln in old if ln.strip() and json.loads(ln)["step"] <= start]
+                keep = [ln for ln in old if (_step_of(ln) or start + 1) <= start]  # a torn last line goes too
                 self.path.write_text("".join(ln + "\n" for ln in keep))
             else:
                 self.path.write_text("")
@@ -349,13 +396,24 @@ class _RunLog:
             self.writer.close()
 
 
+def _step_of(line: str) -> int | None:
+    "The step of one metrics.jsonl line; None for a line cut short by a kill or a full disk."
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _checkpoint(module: nn.Module, optimizer, config: PretrainConfig, name: str, step: int, total: int, world: int,
-                elapsed: float) -> dict:
+                elapsed: float, data: dict) -> dict:
     sd = module.state_dict()
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # never overwrite the last good checkpoint with broken weights
+        raise MSMError(f"step {step}: non-finite weights in {', '.join(bad[:4])}; the last checkpoint is kept")
     part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
     ckpt = {"model": part("student."), "objective": {k: v for k, v in sd.items() if not k.startswith(("student.", "teacher."))},
             "optimizer": optimizer.state_dict(), "step": step, "total_steps": total, "config": config.to_dict(),
-            "method": name, "rng": _rng_state(), "world_size": world, "elapsed": elapsed,
+            "method": name, "rng": _rng_state(), "world_size": world, "elapsed": elapsed, "data": data,
             "scheduler": {"name": "warmup_cosine", "step": step, "total_steps": total,
                           "warmup_steps": warmup_steps(config, total), "lr": lr_at(min(step, total - 1), total, config)}}
     if any(k.startswith("teacher.") for k in sd):
@@ -363,23 +421,30 @@ def _checkpoint(module: nn.Module, optimizer, config: PretrainConfig, name: str,
     return ckpt
 
 
-def _restore(module: nn.Module, optimizer, ckpt: dict) -> None:
+def _restore(module: nn.Module, optimizer, ckpt: dict, path: Path) -> None:
     sd = {**{f"student.{k}": v for k, v in ckpt["model"].items()}, **ckpt.get("objective", {}),
           **{f"teacher.{k}": v for k, v in ckpt.get("teacher", {}).items()}}
-    module.load_state_dict(sd, strict=True)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    _set_rng_state(ckpt["rng"])
+    try:
+        module.load_state_dict(sd, strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if "rng" in ckpt:
+            _set_rng_state(ckpt["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        why = " ".join(str(e).split())[:300]
+        raise MSMError(f"{path}: the checkpoint does not fit this run's model or optimiser ({why})") from None
 
 
 def pretrain(config: PretrainConfig | str, data_root, out_dir, max_steps: int | None = None, epochs: int | None = None,
              resume: bool = False, method: str | PretrainMethod = "msm", progress: bool = True,
-             stop_at: int | None = None) -> dict:
-    "Pre-train on `data_root/train`, writing `out_dir/checkpoint.pt` and `out_dir/metrics.jsonl`; returns a summary."
-    config = PretrainConfig.preset(config) if isinstance(config, str) else config
-    spec = get_method(method)
+             stop_at: int | None = None, split: str | list[str] = "train") -> dict:
+    "Pre-train on `data_root/split`, writing `out_dir/checkpoint.pt` and `out_dir/metrics.jsonl`; returns a summary."
+    config = (PretrainConfig.preset(config) if isinstance(config, str) else config).check()
+    spec, out = get_method(method), Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MSMError(f"{out}: exists and is not a folder (--out names the run's folder)")
     rank, world, local_rank, created = _init_distributed()
     try:
-        return _pretrain(config, data_root, Path(out_dir), max_steps, epochs, resume, spec, progress, stop_at,
+        return _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at,
                          rank, world, local_rank)
     finally:
         if created and dist.is_initialized():
@@ -398,24 +463,34 @@ def _step(model, module, optimizer, batch, config, step, total, rank):
     optimizer.zero_grad(set_to_none=True)
     res["loss"].backward()
     grad_norm = nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip or float("inf"))
-    optimizer.step()
     momentum = ema_momentum(step, total, config.objective.ema_start, config.objective.ema_end)
+    if not bool(torch.isfinite(grad_norm)):  # the same on every process: DDP has averaged the gradients
+        optimizer.zero_grad(set_to_none=True)  # skip the step: student, optimiser state and teacher stay as they are
+        return res, {"lr": lr, "momentum": momentum, "grad_norm": float(grad_norm), "skipped": True}
+    optimizer.step()
     if hasattr(module, "update_teacher"):
         module.update_teacher(momentum)
-    return res, {"lr": lr, "momentum": momentum, "grad_norm": float(grad_norm)}
+    return res, {"lr": lr, "momentum": momentum, "grad_norm": float(grad_norm), "skipped": False}
 
 
-def _pretrain(config, data_root, out, max_steps, epochs, resume, spec, progress, stop_at, rank, world, local_rank):
+def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at, rank, world, local_rank):
     from msm.core import to_device
     if config.batch_size % world:
-        raise MSMError(f"batch_size {config.batch_size} cannot be split evenly over {world} processes")
-    scenes = SceneDataset(data_root, "train", cache=config.cache_scenes)
-    total = total_steps(config, len(scenes), max_steps, epochs)
-    ckpt_path, ckpt = out / "checkpoint.pt", None
+        fits = [n for n in range(1, config.batch_size + 1) if config.batch_size % n == 0]
+        raise MSMError(f"batch_size {config.batch_size} cannot be split evenly over {world} processes (run "
+                       f"{', '.join(map(str, fits))} processes, or --set batch_size=<a multiple of {world}>)")
+    scenes = SceneDataset(data_root, split, cache=config.cache_scenes)
+    check_scenes(scenes.paths)
+    ckpt_path, ckpt, data_id = out / "checkpoint.pt", None, _data_id(scenes)
     if resume:
         ckpt = load_checkpoint(ckpt_path)
-        total = ckpt.get("total_steps", total) if max_steps is None and epochs is None else total
-        _check_resume(ckpt, ckpt_path, config, spec.name, total)
+        if max_steps is None and epochs is None:  # the run length the checkpoint's run had
+            max_steps, epochs = ckpt["config"].get("max_steps"), ckpt["config"].get("epochs")
+            max_steps, epochs = (max_steps, None) if max_steps is not None else (None, epochs)
+    config = _with_length(config, max_steps, epochs)
+    total = total_steps(config, len(scenes))
+    if resume:
+        _check_resume(ckpt, ckpt_path, config, spec.name, total, data_id, world)
     elif ckpt_path.exists():
         raise MSMError(f"{ckpt_path}: a checkpoint exists already (pass --resume to continue it, or use another --out)")
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -424,19 +499,28 @@ def _pretrain(config, data_root, out, max_steps, epochs, resume, spec, progress,
     optimizer = torch.optim.AdamW(_param_groups(module, config), lr=config.lr, betas=tuple(config.betas))
     start, elapsed = 0, 0.0
     if ckpt is not None:
-        _restore(module, optimizer, ckpt)
+        _restore(module, optimizer, ckpt, ckpt_path)
         start, elapsed = int(ckpt["step"]), float(ckpt.get("elapsed", 0.0))
     log = _RunLog(out, config, start, total, resume, progress, active=rank == 0)
     model = module if world == 1 else nn.parallel.DistributedDataParallel(
-        module, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+        module, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=config.ddp_find_unused)
     data = StepSamples(scenes, spec.build_sampler(config), config.seed, config.batch_size, rank, world, start, total)
     loader = torch.utils.data.DataLoader(data, batch_size=data.local, shuffle=False, num_workers=config.num_workers,
                                          collate_fn=spec.collate, pin_memory=device.type == "cuda")
     model.train()
     step, t_run, t_log, s_log, points, line = start, time.time(), time.time(), start, 0, {}
+    skipped, in_a_row = int(ckpt.get("skipped_steps", 0)) if ckpt else 0, 0
     for batch in loader:
         res, info = _step(model, module, optimizer, to_device(batch, device), config, step, total, rank)
         step, points = step + 1, points + int(batch["n_points"])
+        in_a_row = in_a_row + 1 if info.pop("skipped") else 0
+        skipped += in_a_row > 0
+        if in_a_row:
+            warnings.warn(f"step {step}: non-finite loss or gradients (grad norm {info['grad_norm']}), step skipped",
+                          stacklevel=3)
+        if in_a_row >= config.max_skipped_steps:
+            raise MSMError(f"{in_a_row} steps in a row with a non-finite loss or gradients (up to step {step}); "
+                           f"weights untouched since, {ckpt_path} holds the last checkpoint (lower lr?)")
         if step % config.log_every == 0 or step in (total, stop_at):
             keys = sorted(k for k in res if k.startswith(("loss", "voxels_")))
             vals = torch.tensor([float(torch.as_tensor(res[k]).detach()) for k in keys] + [points], dtype=torch.float64)
@@ -444,6 +528,7 @@ def _pretrain(config, data_root, out, max_steps, epochs, resume, spec, progress,
             now = time.time()
             line = {"step": step, "epoch": step * config.batch_size / len(scenes),
                     **{k: v * world if k.startswith("voxels_") else v for k, v in zip(keys, vals)}, **info,
+                    "skipped_steps": skipped,
                     "time": elapsed + now - t_run, "steps_per_s": (step - s_log) / max(now - t_log, 1e-9),
                     "points_per_s": vals[-1] * world / max(now - t_log, 1e-9)}
             t_log, s_log, points = now, step, 0
@@ -452,8 +537,8 @@ def _pretrain(config, data_root, out, max_steps, epochs, resume, spec, progress,
             if world > 1:
                 dist.barrier()
             if rank == 0:
-                save_checkpoint(ckpt_path, _checkpoint(module, optimizer, config, spec.name, step, total, world,
-                                                       elapsed + time.time() - t_run))
+                save_checkpoint(ckpt_path, {**_checkpoint(module, optimizer, config, spec.name, step, total, world,
+                                                          elapsed + time.time() - t_run, data_id), "skipped_steps": skipped})
             if world > 1:
                 dist.barrier()
         log.bar.update(1)

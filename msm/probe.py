@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .core import ConfigBase, MSMError, model_device
-from .data import S3DIS_CLASSES, SCANNET20_CLASSES, list_scenes, load_scene
+from .data import _N_CLASSES, S3DIS_CLASSES, SCANNET20_CLASSES, list_scenes, load_scene
 from .features import check_sampling, extract_point_features, sample_features
 from .transforms import default_pretrain_transform
 
@@ -295,14 +295,14 @@ def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tens
     return out
 
 # %% ../nbs/10_probe.ipynb #b5b9767e
-def _class_setup(paths, n_classes, class_names, max_label: int):
+def _class_setup(paths, n_classes, class_names, max_label: int, label_key: str | None = None):
     "n_classes and class names from the arguments, the label files, or the largest label."
     if n_classes is None and class_names is not None:
         n_classes = len(class_names)
     if n_classes is None:
         p = Path(paths[0])
-        n_classes = 20 if (p / "segment20.npy").exists() else 200 if (p / "segment200.npy").exists() else \
-            len(S3DIS_CLASSES) if (p / "Annotations").is_dir() else max_label + 1
+        key = label_key or next((k for k in ("segment20", "segment200") if (p / f"{k}.npy").exists()), None)
+        n_classes = _N_CLASSES.get(key) or (len(S3DIS_CLASSES) if (p / "Annotations").is_dir() else max_label + 1)
     n_classes = max(int(n_classes), 1)
     if class_names is None:
         class_names = SCANNET20_CLASSES if n_classes == 20 else S3DIS_CLASSES if n_classes == 13 else \
@@ -318,13 +318,13 @@ def _labels(scene: dict, path) -> torch.Tensor:
     return torch.from_numpy(scene["segment"])
 
 
-def _fly_batches(model, paths, steps, cfg: ProbeConfig, n_classes, feat_kw):
+def _fly_batches(model, paths, steps, cfg: ProbeConfig, n_classes, feat_kw, label_key=None):
     "Endless batches from features recomputed on an augmented crop of every scene, epoch after epoch."
     rng, g = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     transform = default_pretrain_transform(crop_points=cfg.crop_points)
     while True:
         for i in rng.permutation(len(paths)).tolist():
-            scene = transform(load_scene(paths[i], n_classes=n_classes), rng)
+            scene = transform(load_scene(paths[i], n_classes=n_classes, label_key=label_key), rng)
             y = _labels(scene, paths[i])
             f = extract_point_features(model, scene, **feat_kw).cpu()[y >= 0]  # (n, C)
             y = y[y >= 0]
@@ -337,13 +337,13 @@ _MODES = ("linear", "knn")
 
 
 def _fit_mode(mode: str, model, store: FeatureStore, counts: list, train_paths, n_classes: int, cfg: ProbeConfig,
-              feat_kw: dict, dev):
+              feat_kw: dict, dev, label_key: str | None = None):
     "The point classifier of one probe, fitted on the training features: features (N, C) -> predicted labels (N,)."
     if mode == "linear":
         mean, std = store.mean_std() if cfg.standardize else (None, None)
         if cfg.on_the_fly:
             steps = [math.ceil(c / cfg.batch_points) for c in counts]
-            spe, batches = sum(steps), _fly_batches(model, train_paths, steps, cfg, n_classes, feat_kw)
+            spe, batches = sum(steps), _fly_batches(model, train_paths, steps, cfg, n_classes, feat_kw, label_key)
         else:
             spe = math.ceil(len(store) / cfg.batch_points)
             batches = _store_batches(store, cfg.batch_points, cfg.seed)
@@ -354,10 +354,18 @@ def _fit_mode(mode: str, model, store: FeatureStore, counts: list, train_paths, 
     return lambda f: knn_predict(f, bank, bank_y, n_classes, cfg.knn_k, cfg.knn_temperature, cfg.knn_block)
 
 
+def _out_folder(out_dir) -> Path:
+    "`out_dir`, made if needed; `MSMError` when it is a file."
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MSMError(f"{out}: exists and is not a folder (the probe writes probe.json and confusion.png there)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _write_probe(res: dict, out_dir) -> None:
     "probe.json and confusion.png of one probe result in `out_dir`."
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_folder(out_dir)
     (out / "probe.json").write_text(json.dumps(res, indent=1))
     fig = plot_confusion(res["confusion"], res["class_names"],
                          title=f"{res['mode']} probe: mIoU {100 * (res['miou'] or 0):.1f}")
@@ -367,8 +375,8 @@ def _write_probe(res: dict, out_dir) -> None:
 
 
 def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig | None = None,
-               n_classes: int | None = None, class_names=None, train_split: str = "train",
-               val_split: str = "val") -> dict:
+               n_classes: int | None = None, class_names=None, train_split: str | list[str] = "train",
+               val_split: str | list[str] = "val", label_key: str | None = None) -> dict:
     """Several probes (`modes`: 'linear', 'knn') of a frozen `model` that share one feature extraction.
 
     The features of every training scene are extracted once for all modes, and those of every validation scene once.
@@ -380,6 +388,8 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
     if bad or not modes:
         raise MSMError(f"run_probe: mode must be 'linear' or 'knn', got {bad[0] if bad else 'no mode'!r}")
     train_paths, val_paths = list_scenes(data_root, train_split), list_scenes(data_root, val_split)
+    for mode in modes if out_dir is not None else ():
+        _out_folder(Path(out_dir) / mode)
     feat_kw = dict(voxel_size=cfg.voxel_size, levels=cfg.level_ids, method=cfg.method, align=cfg.align,
                    empty=cfg.empty, fragments=cfg.fragments, seed=cfg.seed)
     dev, t0 = model_device(model), time.perf_counter()
@@ -387,24 +397,24 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
     store, counts, max_label = FeatureStore(cfg.cache_budget_gb * 1e9, cfg.cache_dir, keep=keep), [], -1
     try:
         for p in tqdm(train_paths, desc="train features", disable=not cfg.progress, leave=False):
-            scene = load_scene(p, n_classes=n_classes)
+            scene = load_scene(p, n_classes=n_classes, label_key=label_key)
             y = _labels(scene, p)
             counts.append(int((y >= 0).sum()))
             max_label = max(max_label, int(y.max()))
             store.add(extract_point_features(model, scene, **feat_kw), y)
         if sum(counts) == 0:
             raise MSMError(f"{Path(data_root) / train_split}: no labelled points (every label is -1)")
-        n_classes, class_names = _class_setup(train_paths, n_classes, class_names, max_label)
+        n_classes, class_names = _class_setup(train_paths, n_classes, class_names, max_label, label_key)
         t_features, predictors, fit_s = time.perf_counter(), {}, {}
         for mode in modes:
             t = time.perf_counter()
-            predictors[mode] = _fit_mode(mode, model, store, counts, train_paths, n_classes, cfg, feat_kw, dev)
+            predictors[mode] = _fit_mode(mode, model, store, counts, train_paths, n_classes, cfg, feat_kw, dev, label_key)
             fit_s[mode] = time.perf_counter() - t
         t_fit = time.perf_counter()
         cms = {mode: torch.zeros(n_classes, n_classes, dtype=torch.long) for mode in modes}
         with torch.no_grad():
             for p in tqdm(val_paths, desc="evaluate", disable=not cfg.progress, leave=False):
-                scene = load_scene(p, n_classes=n_classes)
+                scene = load_scene(p, n_classes=n_classes, label_key=label_key)
                 y = _labels(scene, p)
                 f = extract_point_features(model, scene, **feat_kw)  # (N, C) every original point
                 for mode, predict in predictors.items():
@@ -416,7 +426,7 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
     results = {}
     for mode in modes:
         res = {"mode": mode, **segmentation_metrics(cms[mode], class_names), "n_classes": n_classes,
-               "class_names": class_names, "n_train_scenes": len(train_paths), "n_val_scenes": len(val_paths),
+               "class_names": class_names, "labels": label_key or "auto", "n_train_scenes": len(train_paths), "n_val_scenes": len(val_paths),
                "n_train_points": sum(counts), "confusion": cms[mode].tolist(), "config": cfg.to_dict(),
                "timings": {"train_features_s": t_features - t0, "fit_s": fit_s[mode], "eval_s": t_eval - t_fit,
                            "total_s": t_eval - t0, "shared_with": [m for m in modes if m != mode]}}
@@ -427,12 +437,16 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
 
 
 def run_probe(model, data_root, mode: str = "linear", out_dir=None, config: ProbeConfig | None = None,
-              n_classes: int | None = None, class_names=None, train_split: str = "train", val_split: str = "val") -> dict:
+              n_classes: int | None = None, class_names=None, train_split: str | list[str] = "train",
+              val_split: str | list[str] = "val", label_key: str | None = None) -> dict:
     """Linear or kNN probe of a frozen `model` on `data_root/train_split`, evaluated on all points of `val_split`.
 
     Returns (and writes to out_dir/probe.json) miou, macc, oa (fractions), per_class_iou, confusion, config, timings.
     For both probes of one network use `run_probes`: it extracts the features once."""
-    res = run_probes(model, data_root, (mode,), None, config, n_classes, class_names, train_split, val_split)[mode]
+    if out_dir is not None:
+        _out_folder(out_dir)
+    res = run_probes(model, data_root, (mode,), None, config, n_classes, class_names, train_split, val_split,
+                     label_key)[mode]
     if out_dir is not None:
         _write_probe(res, out_dir)
     return res
