@@ -20,6 +20,7 @@ Modules:
 - `msm.pretrain`: The training loop of masked scene modeling: presets, optimiser and schedules, mixed precision, DistributedDataParallel under `torchrun`, atomic checkpoints, exact resume, and logs.
 - `msm.probe`: The evaluation protocol: a linear probe and a nearest-neighbour probe trained on the frozen per-point features of `msm.features`, and the segmentation metrics they are scored with.
 - `msm.rooms`: Furnished rooms scanned by virtual scanners, labelled with ScanNet's 20 classes: the data every notebook, test and the demo run on, with no download, made hard enough to show what pre-training learns.
+- `msm.runs`: What a training run of days needs besides the model and the loss: a data stream that does not depend on workers, processes or where the run was resumed, the random state a checkpoint carries, joining `torchrun`'s processes, and the run's log.
 - `msm.serialize`: Space-filling curves (z-order and Hilbert, on xyz and yxz) that put the voxels of a scene in a line, and sliding-window multi-head attention along that line, with memory linear in the number of voxels.
 - `msm.sparse`: The `SparseTensor` container and its shared cache, the `Conv3d` module (submanifold, down-sampling, transposed) on the engine of `03a_kernel_maps`, the optional torchsparse backend, and the per-voxel layers.
 - `msm.transforms`: Augmentations of a scene dict, sphere crops, and the two independently augmented views of a scene that pre-training compares, each remembering which original point every one of its points came from.

@@ -12,8 +12,6 @@ import hashlib
 import importlib
 import json
 import math
-import os
-import random
 import time
 import typing
 import warnings
@@ -21,7 +19,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -31,11 +28,12 @@ from .data import SceneDataset, check_scenes
 from .hunet import HUNetConfig
 from .masking import MaskConfig
 from .objective import MaskedSceneModel, ObjectiveConfig, PairSampler, collate_pairs, ema_momentum
+from .runs import RunLog, StepSamples, init_distributed, mean_over_ranks, rng_state, set_rng_state, step_seed
 from .transforms import default_pretrain_transform
 
 # %% auto #0
 __all__ = ['MSM', 'PretrainConfig', 'replace_fields', 'total_steps', 'warmup_steps', 'lr_at', 'PretrainMethod', 'n_levels',
-           'get_method', 'step_seed', 'StepSamples', 'config_diff', 'load_checkpoint', 'pretrain']
+           'get_method', 'config_diff', 'load_checkpoint', 'pretrain']
 
 # %% ../nbs/09_pretrain.ipynb #2e5801eb
 _NESTED = {"model": HUNetConfig, "objective": ObjectiveConfig, "mask": MaskConfig}
@@ -216,46 +214,6 @@ def get_method(method) -> PretrainMethod:
     return known[method]
 
 # %% ../nbs/09_pretrain.ipynb #e8b93618
-def _rng(*words: int) -> np.random.Generator:
-    "A numpy generator from integer words; the last word tags its purpose so streams never collide."
-    return np.random.default_rng(np.random.SeedSequence([int(w) for w in words]))
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    "Torch seed of one step on one process (drop path and any other in-model randomness)."
-    return int(np.random.SeedSequence([seed, step, rank, 3]).generate_state(1, np.uint64)[0] >> 1)
-
-
-class StepSamples(torch.utils.data.Dataset):
-    "Item k = the k-th sample this process trains on from `start_step` on; deterministic in (seed, step, rank)."
-
-    def __init__(self, scenes: SceneDataset, sampler, seed: int, batch_size: int, rank: int, world: int,
-                 start_step: int, total: int):
-        self.scenes, self.sampler, self.seed, self.batch_size = scenes, sampler, seed, batch_size
-        self.local, self.rank, self.start_step, self.total = batch_size // world, rank, start_step, total
-        self._orders = {}
-
-    def __len__(self):
-        return (self.total - self.start_step) * self.local
-
-    def position(self, k: int) -> tuple[int, int, int]:
-        "(step, epoch, position in the epoch) of item k."
-        step = self.start_step + k // self.local
-        g = step * self.batch_size + self.rank * self.local + k % self.local  # global position in the stream
-        epoch, i = divmod(g, len(self.scenes))
-        return step, epoch, i
-
-    def scene_index(self, epoch: int, i: int) -> int:
-        if epoch not in self._orders:
-            self._orders = {epoch: _rng(self.seed, epoch, 1).permutation(len(self.scenes))}
-        return int(self._orders[epoch][i])
-
-    def __getitem__(self, k: int):
-        step, epoch, i = self.position(k)
-        scene = self.scenes.load(self.scene_index(epoch, i))
-        return self.sampler(scene, _rng(self.seed, epoch, i, 2), step, self.total)
-
-# %% ../nbs/09_pretrain.ipynb #4720e9d7
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -271,18 +229,6 @@ def config_diff(saved: dict, config: PretrainConfig) -> list[str]:
     a, b = _flat(saved), _flat(config.to_dict())
     return [f"{k}: checkpoint {a.get(k, '<missing>')!r}, this run {b.get(k, '<missing>')!r}"
             for k in sorted(set(a) | set(b)) if k not in _RUNTIME and a.get(k, "<missing>") != b.get(k, "<missing>")]
-
-
-def _rng_state() -> dict:
-    st = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [st[0], torch.from_numpy(st[1].copy()), *st[2:]],
-            "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(tuple(st["python"][:1]) + (tuple(st["python"][1]),) + tuple(st["python"][2:]))
-    np.random.set_state((st["numpy"][0], st["numpy"][1].numpy(), *st["numpy"][2:]))
-    torch.set_rng_state(st["torch"])
 
 
 def _data_id(scenes: SceneDataset) -> dict:
@@ -325,30 +271,7 @@ def _check_resume(ckpt: dict, path: Path, config: PretrainConfig, method: str, t
         warnings.warn(f"{path}: checkpoint of {ckpt['world_size']} processes resumed by {world}: same data per step, "
                       "other drop-path draws, so not bit-for-bit the run it continues", stacklevel=3)
 
-# %% ../nbs/09_pretrain.ipynb #7d790996
-def _init_distributed() -> tuple[int, int, int, bool]:
-    "(rank, world size, local rank, whether this call created the process group) from torchrun's environment."
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
-        return 0, 1, 0, False
-    local = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
-    created = False
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend)
-        created = True
-    return dist.get_rank(), dist.get_world_size(), local, created
-
-
-def _mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= world
-    return values
-
-
+# %% ../nbs/09_pretrain.ipynb #4720e9d7
 def _param_groups(module: nn.Module, config: PretrainConfig) -> list[dict]:
     "AdamW groups: weight decay on matrices / kernels, none on 1-D parameters unless `decay_1d`."
     decay, no_decay = [], []
@@ -358,52 +281,6 @@ def _param_groups(module: nn.Module, config: PretrainConfig) -> list[dict]:
     return [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 # %% ../nbs/09_pretrain.ipynb #4f9e84a4
-class _RunLog:
-    "Rank-0 outputs of a run: metrics.jsonl (cut back to the resumed step), TensorBoard scalars, the progress bar."
-
-    def __init__(self, out: Path, config: PretrainConfig, start: int, total: int, resume: bool, progress: bool,
-                 active: bool):
-        from tqdm.auto import tqdm
-        self.active, self.path, self.writer = active, out / "metrics.jsonl", None
-        if active:
-            out.mkdir(parents=True, exist_ok=True)
-            if resume:  # drop lines logged after the checkpoint (a kill between a log and the next save)
-                old = self.path.read_text().splitlines() if self.path.exists() else []
-                keep = [ln for ln in old if (_step_of(ln) or start + 1) <= start]  # a torn last line goes too
-                self.path.write_text("".join(ln + "\n" for ln in keep))
-            else:
-                self.path.write_text("")
-            if config.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                    self.writer = SummaryWriter(str(out / "tb"), purge_step=start if resume else None)
-                except ImportError:  # tensorboard is optional
-                    pass
-        self.bar = tqdm(total=total, initial=start, disable=not (progress and active), desc=f"pretrain {config.name}")
-
-    def write(self, line: dict) -> None:
-        if self.active:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(line) + "\n")
-            for k, v in line.items():
-                if self.writer is not None and k != "step":
-                    self.writer.add_scalar(f"pretrain/{k}", v, line["step"])
-            self.bar.set_postfix(loss=f"{line['loss']:.4f}")
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _step_of(line: str) -> int | None:
-    "The step of one metrics.jsonl line; None for a line cut short by a kill or a full disk."
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 def _checkpoint(module: nn.Module, optimizer, config: PretrainConfig, name: str, step: int, total: int, world: int,
                 elapsed: float, data: dict) -> dict:
     sd = module.state_dict()
@@ -413,7 +290,7 @@ def _checkpoint(module: nn.Module, optimizer, config: PretrainConfig, name: str,
     part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
     ckpt = {"model": part("student."), "objective": {k: v for k, v in sd.items() if not k.startswith(("student.", "teacher."))},
             "optimizer": optimizer.state_dict(), "step": step, "total_steps": total, "config": config.to_dict(),
-            "method": name, "rng": _rng_state(), "world_size": world, "elapsed": elapsed, "data": data,
+            "method": name, "rng": rng_state(), "world_size": world, "elapsed": elapsed, "data": data,
             "scheduler": {"name": "warmup_cosine", "step": step, "total_steps": total,
                           "warmup_steps": warmup_steps(config, total), "lr": lr_at(min(step, total - 1), total, config)}}
     if any(k.startswith("teacher.") for k in sd):
@@ -428,7 +305,7 @@ def _restore(module: nn.Module, optimizer, ckpt: dict, path: Path) -> None:
         module.load_state_dict(sd, strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         if "rng" in ckpt:
-            _set_rng_state(ckpt["rng"])
+            set_rng_state(ckpt["rng"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
         why = " ".join(str(e).split())[:300]
         raise MSMError(f"{path}: the checkpoint does not fit this run's model or optimiser ({why})") from None
@@ -442,7 +319,7 @@ def pretrain(config: PretrainConfig | str, data_root, out_dir, max_steps: int | 
     spec, out = get_method(method), Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MSMError(f"{out}: exists and is not a folder (--out names the run's folder)")
-    rank, world, local_rank, created = _init_distributed()
+    rank, world, local_rank, created = init_distributed()
     try:
         return _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at,
                          rank, world, local_rank)
@@ -501,7 +378,7 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
     if ckpt is not None:
         _restore(module, optimizer, ckpt, ckpt_path)
         start, elapsed = int(ckpt["step"]), float(ckpt.get("elapsed", 0.0))
-    log = _RunLog(out, config, start, total, resume, progress, active=rank == 0)
+    log = RunLog(out, f"pretrain {config.name}", start, total, resume, progress, rank == 0, config.tensorboard)
     model = module if world == 1 else nn.parallel.DistributedDataParallel(
         module, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=config.ddp_find_unused)
     data = StepSamples(scenes, spec.build_sampler(config), config.seed, config.batch_size, rank, world, start, total)
@@ -524,7 +401,7 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
         if step % config.log_every == 0 or step in (total, stop_at):
             keys = sorted(k for k in res if k.startswith(("loss", "voxels_")))
             vals = torch.tensor([float(torch.as_tensor(res[k]).detach()) for k in keys] + [points], dtype=torch.float64)
-            vals = _mean_over_ranks(vals.to(device), world).cpu().tolist()  # losses: mean; counts: sum / world
+            vals = mean_over_ranks(vals.to(device), world).cpu().tolist()  # losses: mean; counts: sum / world
             now = time.time()
             line = {"step": step, "epoch": step * config.batch_size / len(scenes),
                     **{k: v * world if k.startswith("voxels_") else v for k, v in zip(keys, vals)}, **info,
