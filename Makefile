@@ -4,6 +4,7 @@ PY     ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 DEMO_OUT ?= demo_out
 
 .PHONY: install demo test sync-check nbtest pytest bench clean-nbs lint help
@@ -16,10 +17,11 @@ help:
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# the CPU build of torch comes from a local wheel on these machines; a plain `pip install torch` downloads GBs
+# on Linux, PyPI's torch wheel is the CUDA build (GBs): TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the
+# CPU build instead (macOS and Windows wheels on PyPI are CPU builds already; pip's own config may point elsewhere)
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	@if [ -n "$(TORCH)" ]; then $(BIN)/python -m pip install -q "$(TORCH)"; fi
+	@if [ -n "$(TORCH)" ]; then $(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 

@@ -1,7 +1,7 @@
 """Multi-resolution point sampling: msm.probe.sample_features (sparse 8-corner lookup, memory linear in the points)
 against the official recipe (a dense grid per scene, level and 16-channel block, then grid_sample).
 
-The peer is written here from the description in PAPER.md §5 and the official-harness README: for every level with
+The peer is written here from the description in docs/PAPER.md §5 and the official-harness README: for every level with
 stride L, a dense (1, 16, X, Y, Z) grid of the level's bounding box (max coordinate + 1 per axis) holding the
 features of the occupied voxels and zeros elsewhere, sampled with `grid_sample(align_corners=True)` at
 `(c + 0.5) / L / S * 2 - 1`. Ours runs with `align="official"`, so both compute the same numbers (checked).

@@ -1,9 +1,9 @@
-"""msm's HUNet against the OFFICIAL network, on the reference outputs of the project's harness.
+"""msm's HUNet against the OFFICIAL network, on the reference outputs of `tools/official_harness` (its README says how).
 
 Skipped unless MSM_OFFICIAL_REF (the harness's `--out` file) and MSM_OFFICIAL_CKPT (its `--save-init-ckpt` file,
 or the released weights used for the reference) are set, e.g.
 
-    python run_official.py --src <official>/inference --scene room.pth --out /tmp/ref.pth \
+    python tools/official_harness/run_official.py --src <official>/inference --scene room.pth --out /tmp/ref.pth \
         --save-init-ckpt /tmp/init.pth --no-shuffle-sfc
     MSM_OFFICIAL_REF=/tmp/ref.pth MSM_OFFICIAL_CKPT=/tmp/init.pth pytest tests/test_official.py -s
 

@@ -420,7 +420,7 @@ def test_sample_features_cuda_equals_cpu():
 
 
 def test_probe_keeps_the_feature_names():
-    "msm.probe.sample_features is a stable name (DESIGN.md): the sampling lives in msm.features, re-exported here."
+    "msm.probe.sample_features is a stable, documented name: the sampling lives in msm.features, re-exported here."
     import msm.features
     import msm.probe
     assert msm.probe.sample_features is msm.features.sample_features

@@ -4,7 +4,7 @@ and raises `AssertionError` with a sentence saying what is wrong (or returns a s
 Reference solutions live in `solutions.py` next to this file. `solution_or(fn)` swaps a learner's function for the
 reference of the same name when solutions are switched on: under `nbdev-test` (it sets `IN_TEST`), or with the
 environment variable `MSM_SOLUTIONS=1`; `MSM_SOLUTIONS=0` always keeps the learner's own code, e.g.
-`MSM_SOLUTIONS=0 nbdev-test --path nbs/tutorials/01_kernel_map.ipynb` tests your answers from a shell.
+`MSM_SOLUTIONS=0 nbdev-test nbs/tutorials/01_kernel_map.ipynb` tests your answers from a shell.
 """
 
 from __future__ import annotations
