@@ -160,6 +160,10 @@ def _with_length(config: PretrainConfig, max_steps: int | None, epochs: int | No
     if max_steps is not None and epochs is not None:
         raise MSMError("give either max_steps or epochs, not both")
     if epochs is not None:
+        if config.warmup_epochs >= int(epochs):
+            raise MSMError(f"--epochs {epochs} leaves no room after the {config.warmup_epochs} warm-up epochs of the "
+                           "config (--set warmup_epochs=<fewer>, or --max-steps: its warm-up is the share "
+                           "warmup_epochs / epochs of the run)")
         return config.replace(epochs=int(epochs), max_steps=None)
     return config if max_steps is None else config.replace(max_steps=int(max_steps))
 
