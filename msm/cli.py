@@ -227,14 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     except MSMError as e:
         print(f"{who}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"{who}: error: {e.filename or e}: file not found", file=sys.stderr)
-        return 2
-    except OSError as e:  # a folder where a file should be, no permission, a full disk: the path and the reason
-        print(f"{who}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # missing file, a folder where a file should be, no permission, a full disk
+        why = e.strerror or _one_line(e)  # an error re-raised from a DataLoader worker has lost filename and strerror
+        print(f"{who}: error: {e.filename + ': ' if e.filename else ''}{why}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"msm {args.command}: interrupted", file=sys.stderr)
+        print(f"{who}: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -6,6 +6,7 @@ checkpoint files."""
 # %% ../nbs/00_core.ipynb #c3d6dd9a
 from __future__ import annotations
 
+import glob
 import os
 import random
 import types
@@ -101,7 +102,7 @@ def validate_scene(scene: dict, source: str = "<scene>", n_classes: int | None =
     cmin, cmax = float(out["color"].min()), float(out["color"].max())
     if cmin < 0 or cmax > 255:
         raise MSMError(f"{source}: 'color' must lie in 0..255, found values in [{cmin:g}, {cmax:g}]")
-    # NaN normals carry no information: the official preprocessing replaces them with 0 (docs/PAPER.md §1)
+    # NaN normals carry no information: the official preprocessing replaces them with 0 (PAPER.md §1)
     out["normal"] = np.nan_to_num(out["normal"], nan=0.0, posinf=0.0, neginf=0.0)
     if "segment" in out:
         seg = out["segment"]
@@ -164,7 +165,7 @@ def num_threads() -> int:
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
     "`torch.save(obj)` to `path` atomically: a temporary file next to it, flushed to disk, then renamed over `path`."
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a process killed mid-save (SIGKILL, power loss)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):  # left by a process killed mid-save (SIGKILL, power loss)
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:

@@ -251,14 +251,15 @@ def list_scenes(root: str | os.PathLike, split: str | list[str]) -> list[Path]:
         if not here:
             raise MSMError(f"{d}: no scenes (expected folders with coord.npy, or .ply / .pth / .npz / .npy files)")
         scenes += here
-    return scenes
+    return sorted(set(scenes))  # one order (and no scene twice) however the splits are listed
 
 
 def check_scenes(paths) -> None:
-    "Cheap check before a long run: every scene's files are there and every .npy header and size is readable."
+    "Cheap check before a long run: the files `load_scene` reads are there, and their .npy headers and sizes readable."
+    read = {f"{k}.npy" for k in ("coord", "color", "normal", *_LABEL_KEYS, *_INSTANCE_KEYS, *EXTRA_FIELDS)}
     bad = []
-    for p in map(Path, paths):
-        files = sorted(p.glob("*.npy")) if p.is_dir() else [p]
+    for p in map(Path, paths):  # raw S3DIS rooms (text files) are checked when read
+        files = sorted(f for f in p.glob("*.npy") if f.name in read) if p.is_dir() else [p]
         for f in files:
             try:
                 if not f.exists() or f.stat().st_size == 0:

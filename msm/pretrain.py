@@ -110,7 +110,8 @@ class PretrainConfig(ConfigBase):
                   ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be > 0 (or null: no clipping)"),
                   ("final_lr_ratio", 0 <= self.final_lr_ratio <= 1, "must lie in [0, 1]"),
                   ("warmup_epochs", self.warmup_epochs < self.epochs, f"must be below epochs ({self.epochs})"),
-                  ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "must be two numbers in [0, 1)")]
+                  ("betas", len(self.betas) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in self.betas),
+                   "must be two numbers in [0, 1)")]
         for name, ok, why in checks:
             if not ok:
                 raise MSMError(f"{source}: {name} = {getattr(self, name)!r} {why}")
@@ -132,7 +133,9 @@ def replace_fields(cfg, **kw):
     if unknown:
         raise MSMError(f"{type(cfg).__name__}: unknown field(s) {unknown}")
     hints = typing.get_type_hints(type(cfg))
-    top = {k: _from_plain(hints[k], v, k) for k, v in top.items()}  # JSON lists -> tuples, dicts -> sub-configs
+    for k, v in list(top.items()):  # a dict for a sub-config changes its fields; JSON lists become tuples
+        top[k] = (replace_fields(getattr(cfg, k), **v) if isinstance(v, dict) and isinstance(getattr(cfg, k), ConfigBase)
+                  else _from_plain(hints[k], v, k))
     for head, sub in nested.items():
         top[head] = replace_fields(top.get(head, getattr(cfg, head)), **sub)
     return dataclasses.replace(cfg, **top)
@@ -160,10 +163,6 @@ def _with_length(config: PretrainConfig, max_steps: int | None, epochs: int | No
     if max_steps is not None and epochs is not None:
         raise MSMError("give either max_steps or epochs, not both")
     if epochs is not None:
-        if config.warmup_epochs >= int(epochs):
-            raise MSMError(f"--epochs {epochs} leaves no room after the {config.warmup_epochs} warm-up epochs of the "
-                           "config (--set warmup_epochs=<fewer>, or --max-steps: its warm-up is the share "
-                           "warmup_epochs / epochs of the run)")
         return config.replace(epochs=int(epochs), max_steps=None)
     return config if max_steps is None else config.replace(max_steps=int(max_steps))
 
@@ -286,9 +285,6 @@ def _param_groups(module: nn.Module, config: PretrainConfig) -> list[dict]:
 def _checkpoint(module: nn.Module, optimizer, config: PretrainConfig, name: str, step: int, total: int, world: int,
                 elapsed: float, data: dict) -> dict:
     sd = module.state_dict()
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:  # never overwrite the last good checkpoint with broken weights
-        raise MSMError(f"step {step}: non-finite weights in {', '.join(bad[:4])}; the last checkpoint is kept")
     part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
     ckpt = {"model": part("student."), "objective": {k: v for k, v in sd.items() if not k.startswith(("student.", "teacher."))},
             "optimizer": optimizer.state_dict(), "step": step, "total_steps": total, "config": config.to_dict(),
@@ -298,6 +294,13 @@ def _checkpoint(module: nn.Module, optimizer, config: PretrainConfig, name: str,
     if any(k.startswith("teacher.") for k in sd):
         ckpt["teacher"] = part("teacher.")
     return ckpt
+
+
+def _check_finite(module: nn.Module, step: int) -> None:
+    "`MSMError` when a weight is not finite: the last good checkpoint must not be overwritten (run on every rank)."
+    bad = [k for k, v in module.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise MSMError(f"step {step}: non-finite weights in {', '.join(bad[:4])}; the last checkpoint is kept")
 
 
 def _restore(module: nn.Module, optimizer, ckpt: dict, path: Path) -> None:
@@ -317,7 +320,8 @@ def pretrain(config: PretrainConfig | str, data_root, out_dir, max_steps: int | 
              resume: bool = False, method: str | PretrainMethod = "msm", progress: bool = True,
              stop_at: int | None = None, split: str | list[str] = "train") -> dict:
     "Pre-train on `data_root/split`, writing `out_dir/checkpoint.pt` and `out_dir/metrics.jsonl`; returns a summary."
-    config = (PretrainConfig.preset(config) if isinstance(config, str) else config).check()
+    config = PretrainConfig.preset(config) if isinstance(config, str) else config
+    config.check_types("PretrainConfig")  # the ranges are checked once the run length is known (_pretrain)
     spec, out = get_method(method), Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MSMError(f"{out}: exists and is not a folder (--out names the run's folder)")
@@ -352,6 +356,14 @@ def _step(model, module, optimizer, batch, config, step, total, rank):
     return res, {"lr": lr, "momentum": momentum, "grad_norm": float(grad_norm), "skipped": False}
 
 
+def _preset_length(config: PretrainConfig) -> bool:
+    "Whether the config's run length is still its preset's (so a resume may take the checkpoint's)."
+    if config.name not in PretrainConfig.PRESETS:
+        return True
+    base = PretrainConfig.preset(config.name)
+    return (config.max_steps, config.epochs) == (base.max_steps, base.epochs)
+
+
 def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at, rank, world, local_rank):
     from msm.core import to_device
     if config.batch_size % world:
@@ -361,13 +373,20 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
     scenes = SceneDataset(data_root, split, cache=config.cache_scenes)
     check_scenes(scenes.paths)
     ckpt_path, ckpt, data_id = out / "checkpoint.pt", None, _data_id(scenes)
+    legacy = False
     if resume:
         ckpt = load_checkpoint(ckpt_path)
-        if max_steps is None and epochs is None:  # the run length the checkpoint's run had
-            max_steps, epochs = ckpt["config"].get("max_steps"), ckpt["config"].get("epochs")
+        legacy = "data" not in ckpt  # written before the run length went into the config
+        if max_steps is None and epochs is None and not legacy and _preset_length(config):
+            max_steps, epochs = ckpt["config"].get("max_steps"), ckpt["config"].get("epochs")  # the run's length
             max_steps, epochs = (max_steps, None) if max_steps is not None else (None, epochs)
-    config = _with_length(config, max_steps, epochs)
-    total = total_steps(config, len(scenes))
+    if legacy:  # its config is the preset's; its length is only in total_steps
+        total = ckpt["total_steps"] if max_steps is None and epochs is None else \
+            total_steps(config, len(scenes), max_steps, epochs)
+    else:
+        config = _with_length(config, max_steps, epochs)
+        total = total_steps(config, len(scenes))
+    config.check()
     if resume:
         _check_resume(ckpt, ckpt_path, config, spec.name, total, data_id, world)
     elif ckpt_path.exists():
@@ -394,7 +413,7 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
         step, points = step + 1, points + int(batch["n_points"])
         in_a_row = in_a_row + 1 if info.pop("skipped") else 0
         skipped += in_a_row > 0
-        if in_a_row:
+        if in_a_row and rank == 0:
             warnings.warn(f"step {step}: non-finite loss or gradients (grad norm {info['grad_norm']}), step skipped",
                           stacklevel=3)
         if in_a_row >= config.max_skipped_steps:
@@ -413,6 +432,7 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
             t_log, s_log, points = now, step, 0
             log.write(line)
         if step % config.save_every == 0 or step == total:
+            _check_finite(module, step)  # on every rank (identical weights), so no rank waits at a barrier alone
             if world > 1:
                 dist.barrier()
             if rank == 0:

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .core import ConfigBase, MSMError, model_device
-from .data import _N_CLASSES, S3DIS_CLASSES, SCANNET20_CLASSES, list_scenes, load_scene
+from .data import _LABEL_KEYS, _N_CLASSES, S3DIS_CLASSES, SCANNET20_CLASSES, list_scenes, load_scene
 from .features import check_sampling, extract_point_features, sample_features
 from .transforms import default_pretrain_transform
 
@@ -299,7 +299,7 @@ def _class_setup(paths, n_classes, class_names, max_label: int, label_key: str |
         n_classes = len(class_names)
     if n_classes is None:
         p = Path(paths[0])
-        key = label_key or next((k for k in ("segment20", "segment200") if (p / f"{k}.npy").exists()), None)
+        key = label_key or next((k for k in _LABEL_KEYS if (p / f"{k}.npy").exists()), None)  # the loader's choice
         n_classes = _N_CLASSES.get(key) or (len(S3DIS_CLASSES) if (p / "Annotations").is_dir() else max_label + 1)
     n_classes = max(int(n_classes), 1)
     if class_names is None:
@@ -335,13 +335,13 @@ _MODES = ("linear", "knn")
 
 
 def _fit_mode(mode: str, model, store: FeatureStore, counts: list, train_paths, n_classes: int, cfg: ProbeConfig,
-              feat_kw: dict, dev, label_key: str | None = None):
+              feat_kw: dict, dev, label_key: str | None = None, asked: int | None = None):
     "The point classifier of one probe, fitted on the training features: features (N, C) -> predicted labels (N,)."
     if mode == "linear":
         mean, std = store.mean_std() if cfg.standardize else (None, None)
         if cfg.on_the_fly:
             steps = [math.ceil(c / cfg.batch_points) for c in counts]
-            spe, batches = sum(steps), _fly_batches(model, train_paths, steps, cfg, n_classes, feat_kw, label_key)
+            spe, batches = sum(steps), _fly_batches(model, train_paths, steps, cfg, asked, feat_kw, label_key)
         else:
             spe = math.ceil(len(store) / cfg.batch_points)
             batches = _store_batches(store, cfg.batch_points, cfg.seed)
@@ -386,6 +386,9 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
     if bad or not modes:
         raise MSMError(f"run_probe: mode must be 'linear' or 'knn', got {bad[0] if bad else 'no mode'!r}")
     train_paths, val_paths = list_scenes(data_root, train_split), list_scenes(data_root, val_split)
+    if n_classes is None and class_names is not None:
+        n_classes = len(class_names)
+    asked = n_classes  # what the loads check labels against; the count found below only sizes the heads
     for mode in modes if out_dir is not None else ():
         _out_folder(Path(out_dir) / mode)
     feat_kw = dict(voxel_size=cfg.voxel_size, levels=cfg.level_ids, method=cfg.method, align=cfg.align,
@@ -401,18 +404,20 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
             max_label = max(max_label, int(y.max()))
             store.add(extract_point_features(model, scene, **feat_kw), y)
         if sum(counts) == 0:
-            raise MSMError(f"{Path(data_root) / train_split}: no labelled points (every label is -1)")
+            where = train_split if isinstance(train_split, str) else ",".join(train_split)
+            raise MSMError(f"{Path(data_root) / where}: no labelled points (every label is -1)")
         n_classes, class_names = _class_setup(train_paths, n_classes, class_names, max_label, label_key)
         t_features, predictors, fit_s = time.perf_counter(), {}, {}
         for mode in modes:
             t = time.perf_counter()
-            predictors[mode] = _fit_mode(mode, model, store, counts, train_paths, n_classes, cfg, feat_kw, dev, label_key)
+            predictors[mode] = _fit_mode(mode, model, store, counts, train_paths, n_classes, cfg, feat_kw, dev, label_key,
+                                         asked)
             fit_s[mode] = time.perf_counter() - t
         t_fit = time.perf_counter()
         cms = {mode: torch.zeros(n_classes, n_classes, dtype=torch.long) for mode in modes}
         with torch.no_grad():
             for p in tqdm(val_paths, desc="evaluate", disable=not cfg.progress, leave=False):
-                scene = load_scene(p, n_classes=n_classes, label_key=label_key)
+                scene = load_scene(p, n_classes=asked, label_key=label_key)
                 y = _labels(scene, p)
                 f = extract_point_features(model, scene, **feat_kw)  # (N, C) every original point
                 for mode, predict in predictors.items():
