@@ -6,10 +6,13 @@ under `torchrun`, atomic checkpoints, exact resume, and logs."""
 # %% ../nbs/09_pretrain.ipynb #895dd260
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import math
+import os
+import shutil
 import time
 import typing
 import warnings
@@ -21,22 +24,24 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import ConfigBase, MSMError, _from_plain, model_device, read_checkpoint, save_checkpoint, seed_everything
+from . import runs
+from .core import ConfigBase, MSMError, _from_plain, read_checkpoint, save_checkpoint, seed_everything
 from .data import SceneDataset, check_scenes
 from .hunet import HUNetConfig
 from .masking import MaskConfig
 from .objective import MaskedSceneModel, ObjectiveConfig, PairSampler, collate_pairs, ema_momentum
-from .runs import RunLog, StepSamples, init_distributed, mean_over_ranks, rng_state, set_rng_state, step_seed
+from .runs import RunLog, StepSamples, StopSignals, init_distributed, rng_state, set_rng_state, step_seed
 from .transforms import default_pretrain_transform
 
 # %% auto #0
 __all__ = ['MSM', 'PretrainConfig', 'replace_fields', 'total_steps', 'warmup_steps', 'lr_at', 'PretrainMethod', 'n_levels',
-           'get_method', 'config_diff', 'load_checkpoint', 'pretrain']
+           'get_method', 'config_diff', 'load_checkpoint', 'amp_dtype', 'backward_step', 'pretrain']
 
 # %% ../nbs/09_pretrain.ipynb #2e5801eb
 _NESTED = {"model": HUNetConfig, "objective": ObjectiveConfig, "mask": MaskConfig}
 _RUNTIME = ("num_workers", "log_every", "save_every", "tensorboard", "cache_scenes", "max_skipped_steps",
-            "ddp_find_unused")  # may change on resume
+            "ddp_find_unused", "accum_steps", "keep_every")  # may change on resume
+_AMP = ("bf16", "fp16", "off")
 
 
 @dataclass
@@ -51,7 +56,8 @@ class PretrainConfig(ConfigBase):
     shared_crop: bool = True  # crop once before the two views (see PairSampler), else independently per view
     transform: dict = field(default_factory=dict)  # other keyword arguments of default_pretrain_transform
     baseline: dict = field(default_factory=dict)  # options of the baseline methods (msm.baselines.BaselineConfig)
-    batch_size: int = 12  # scenes per step, global (split over DDP processes)
+    batch_size: int = 12  # scenes per step, global (shared by the DDP processes, 1 to batch_size of them)
+    accum_steps: int = 1  # micro-batches per step and process (gradient accumulation: less memory, same step)
     epochs: int = 1800  # run length when neither max_steps nor an explicit length is given
     max_steps: int | None = None  # run length in steps (overrides epochs when set)
     warmup_epochs: float = 60  # warm-up length, as a share warmup_epochs / epochs of the run (must be < epochs)
@@ -61,14 +67,15 @@ class PretrainConfig(ConfigBase):
     betas: tuple = (0.9, 0.95)  # AdamW (Table 14)
     decay_1d: bool = False  # also decay 1-D parameters (norm scales, biases, tokens)
     grad_clip: float | None = 3.0  # max global gradient norm (None = no clipping)
-    amp: bool = True  # bf16 autocast (CUDA only; CPU runs in fp32)
-    num_workers: int = 4  # DataLoader worker processes per DDP process
+    amp: str = "bf16"  # "bf16" | "fp16" (with a gradient scaler) | "off": autocast on CUDA; CPU runs in fp32
+    num_workers: int | None = None  # DataLoader workers per DDP process (None: runs.auto_workers of the local batch)
     cache_scenes: bool = False  # keep loaded scenes in memory (small data sets only)
     log_every: int = 10  # steps between lines of metrics.jsonl
-    save_every: int = 1000  # steps between checkpoints (and one at the end)
+    save_every: int = 1000  # steps between checkpoints (and one at the end, and one when a stop signal comes)
+    keep_every: int | None = None  # also keep checkpoint_epoch{E}.pt every this many epochs (None: only the last)
     tensorboard: bool = True  # also write TensorBoard scalars to OUT/tb when tensorboard is installed
     max_skipped_steps: int = 20  # non-finite steps in a row (skipped, weights untouched) before the run stops
-    ddp_find_unused: bool = True  # DDP looks for parameters without a gradient in a step (see "Several processes")
+    ddp_find_unused: bool | None = None  # DDP searches for parameters without a gradient (None: the method decides)
     seed: int = 0
 
     @classmethod
@@ -89,6 +96,10 @@ class PretrainConfig(ConfigBase):
                    epochs=100, warmup_epochs=5, lr=3e-3, num_workers=1, cache_scenes=True, log_every=5,
                    save_every=100, tensorboard=False)
 
+    def __post_init__(self):
+        if isinstance(self.amp, bool):  # checkpoints written before amp had three modes
+            self.amp = "bf16" if self.amp else "off"
+
     def to_dict(self) -> dict:
         "Plain nested dict, through JSON (sub-configs as dicts, every tuple as a list): goes into every checkpoint."
         return json.loads(json.dumps(super().to_dict()))
@@ -101,14 +112,16 @@ class PretrainConfig(ConfigBase):
         "`MSMError` naming the field when a value has the wrong type or is out of range; returns the config."
         self.check_types(source)
         at_least = {"batch_size": 1, "epochs": 1, "crop_points": 1, "log_every": 1, "save_every": 1,
-                    "num_workers": 0, "max_skipped_steps": 1, "warmup_epochs": 0, "weight_decay": 0}
+                    "num_workers": 0, "max_skipped_steps": 1, "warmup_epochs": 0, "weight_decay": 0,
+                    "accum_steps": 1, "keep_every": 1}
         for name, lo in at_least.items():
-            if getattr(self, name) < lo:
+            if getattr(self, name) is not None and getattr(self, name) < lo:
                 raise MSMError(f"{source}: {name} = {getattr(self, name)!r} must be at least {lo}")
         checks = [("lr", self.lr > 0, "must be > 0"), ("max_steps", self.max_steps is None or self.max_steps >= 1,
                    "must be at least 1 (or null: the length comes from epochs)"),
                   ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be > 0 (or null: no clipping)"),
                   ("final_lr_ratio", 0 <= self.final_lr_ratio <= 1, "must lie in [0, 1]"),
+                  ("amp", self.amp in _AMP, f"must be one of {', '.join(_AMP)}"),
                   ("warmup_epochs", self.warmup_epochs < self.epochs, f"must be below epochs ({self.epochs})"),
                   ("betas", len(self.betas) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in self.betas),
                    "must be two numbers in [0, 1)")]
@@ -184,6 +197,8 @@ class PretrainMethod:
     build_model: Callable  # config -> nn.Module with .student and forward(batch) -> {"loss": ..., ...}
     build_sampler: Callable  # config -> picklable sampler(scene, rng, step, total_steps) -> list of items
     collate: Callable  # list of sampler outputs -> batch dict
+    # config -> whether a step may leave a parameter without gradient (DDP must then search for them); None: assume so
+    unused_params: Callable | None = None
 
 
 def n_levels(model_config: HUNetConfig) -> int:
@@ -197,7 +212,15 @@ def _msm_sampler(config: PretrainConfig) -> PairSampler:
                        shared_crop=config.crop_points if config.shared_crop else None)
 
 
-MSM = PretrainMethod("msm", lambda config: MaskedSceneModel(config.model, config.objective), _msm_sampler, collate_pairs)
+def _msm_unused(config: PretrainConfig) -> bool:
+    "MSM leaves parameters unused when only the last level is in the loss, or when a step draws no mask (ratio 0)."
+    m = config.mask
+    lowest = m.ratio if m.schedule == "constant" else min(m.ratio, m.ratio_start)
+    return config.objective.loss_levels == "last" or lowest == 0
+
+
+MSM = PretrainMethod("msm", lambda config: MaskedSceneModel(config.model, config.objective), _msm_sampler, collate_pairs,
+                     _msm_unused)
 
 
 def get_method(method) -> PretrainMethod:
@@ -227,6 +250,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_diff(saved: dict, config: PretrainConfig) -> list[str]:
     "Fields (dotted) whose saved value differs from `config`'s, ignoring the runtime-only fields."
+    if isinstance(saved.get("amp"), bool):  # written before amp had three modes
+        saved = {**saved, "amp": "bf16" if saved["amp"] else "off"}
     a, b = _flat(saved), _flat(config.to_dict())
     return [f"{k}: checkpoint {a.get(k, '<missing>')!r}, this run {b.get(k, '<missing>')!r}"
             for k in sorted(set(a) | set(b)) if k not in _RUNTIME and a.get(k, "<missing>") != b.get(k, "<missing>")]
@@ -296,19 +321,22 @@ def _checkpoint(module: nn.Module, optimizer, config: PretrainConfig, name: str,
     return ckpt
 
 
-def _check_finite(module: nn.Module, step: int) -> None:
+def _check_finite(module: nn.Module, step: int, saved: bool) -> None:
     "`MSMError` when a weight is not finite: the last good checkpoint must not be overwritten (run on every rank)."
     bad = [k for k, v in module.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise MSMError(f"step {step}: non-finite weights in {', '.join(bad[:4])}; the last checkpoint is kept")
+        kept = "the last checkpoint is kept" if saved else "no checkpoint was written"
+        raise MSMError(f"step {step}: non-finite weights in {', '.join(bad[:4])}; {kept}")
 
 
-def _restore(module: nn.Module, optimizer, ckpt: dict, path: Path) -> None:
+def _restore(module: nn.Module, optimizer, scaler, ckpt: dict, path: Path) -> None:
     sd = {**{f"student.{k}": v for k, v in ckpt["model"].items()}, **ckpt.get("objective", {}),
           **{f"teacher.{k}": v for k, v in ckpt.get("teacher", {}).items()}}
     try:
         module.load_state_dict(sd, strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
@@ -316,6 +344,88 @@ def _restore(module: nn.Module, optimizer, ckpt: dict, path: Path) -> None:
         raise MSMError(f"{path}: the checkpoint does not fit this run's model or optimiser ({why})") from None
 
 
+def _keep_copy(ckpt_path: Path, epoch: int) -> None:
+    "Keep the checkpoint just written as checkpoint_epoch{epoch}.pt (a hard link where the file system has them)."
+    dst = ckpt_path.with_name(f"checkpoint_epoch{epoch:04d}.pt")
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        os.link(ckpt_path, tmp)
+    except OSError:
+        shutil.copyfile(ckpt_path, tmp)
+    os.replace(tmp, dst)
+
+# %% ../nbs/09_pretrain.ipynb #cd7e7bc5
+def amp_dtype(config: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    "The autocast dtype of a run on `device` (None: fp32); `MSMError` for bf16 on a GPU without it."
+    if config.amp == "off" or device.type != "cuda":
+        return None
+    if config.amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise MSMError(f"amp = 'bf16' but {torch.cuda.get_device_name(device)} has no bf16: --set amp=fp16 (with a "
+                       "gradient scaler) or amp=off")
+    return torch.bfloat16 if config.amp == "bf16" else torch.float16
+
+
+class _WithScenes:
+    "Collate wrapper that records how many scenes a (micro-)batch holds (picklable for DataLoader workers)."
+
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, samples: list) -> dict:
+        return {**self.collate(samples), "n_scenes": len(samples)}
+
+
+def backward_step(model: nn.Module, micro_batches: list[dict], batch_size: int, world: int,
+                  dtype: torch.dtype | None = None, scaler=None) -> dict:
+    "Forward + backward of one process's micro-batches, gradients scaled to the global batch; returns its mean results."
+    out, local = {}, sum(int(b["n_scenes"]) for b in micro_batches)
+    dev = next(p for p in model.parameters()).device
+    for i, batch in enumerate(micro_batches):
+        sync = world == 1 or i == len(micro_batches) - 1  # DDP all-reduces on the last micro-batch only
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                res = model(batch)
+            loss = res["loss"] * (int(batch["n_scenes"]) * world / batch_size)  # see "The global batch" above
+            (scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss).backward()
+        share = int(batch["n_scenes"]) / local
+        for k, v in res.items():
+            if k.startswith("loss"):  # means over scenes: weighted by the micro-batch's scenes
+                out[k] = out.get(k, 0.0) + v.detach().float() * share
+            elif k.startswith("voxels_"):  # counts: summed
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def _step(model, module, optimizer, scaler, micro_batches, config, step, total, rank, world, dtype):
+    "One optimiser step: learning rate and seed of the step, forward + backward, clip, AdamW, EMA."
+    lr = lr_at(step, total, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    torch.manual_seed(step_seed(config.seed, step, rank))
+    optimizer.zero_grad(set_to_none=True)
+    res = backward_step(model, micro_batches, config.batch_size, world, dtype, scaler)
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)  # clip and check the true gradients
+    grad_norm = nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip or float("inf"))
+    momentum = ema_momentum(step, total, config.objective.ema_start, config.objective.ema_end)
+    info = {"lr": lr, "momentum": momentum, "grad_norm": float(grad_norm)}
+    if scaler.is_enabled():
+        info["loss_scale"] = float(scaler.get_scale())
+    if not bool(torch.isfinite(grad_norm)):  # the same on every process: DDP has averaged the gradients
+        optimizer.zero_grad(set_to_none=True)  # skip the step: student, optimiser state and teacher stay as they are
+        if scaler.is_enabled():
+            scaler.update()  # fp16: a lower loss scale for the next step
+        return res, {**info, "skipped": True}
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if hasattr(module, "update_teacher"):
+        module.update_teacher(momentum)
+    return res, {**info, "skipped": False}
+
+# %% ../nbs/09_pretrain.ipynb #43cd79ee
 def pretrain(config: PretrainConfig | str, data_root, out_dir, max_steps: int | None = None, epochs: int | None = None,
              resume: bool = False, method: str | PretrainMethod = "msm", progress: bool = True,
              stop_at: int | None = None, split: str | list[str] = "train") -> dict:
@@ -327,33 +437,12 @@ def pretrain(config: PretrainConfig | str, data_root, out_dir, max_steps: int | 
         raise MSMError(f"{out}: exists and is not a folder (--out names the run's folder)")
     rank, world, local_rank, created = init_distributed()
     try:
-        return _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at,
-                         rank, world, local_rank)
+        with StopSignals() as stop:
+            return _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at,
+                             rank, world, local_rank, stop)
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _step(model, module, optimizer, batch, config, step, total, rank):
-    "One optimiser step: learning rate and seed of the step, forward, backward, clip, AdamW, EMA."
-    lr = lr_at(step, total, config)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    torch.manual_seed(step_seed(config.seed, step, rank))
-    dev = model_device(module)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config.amp and dev.type == "cuda"):
-        res = model(batch)
-    optimizer.zero_grad(set_to_none=True)
-    res["loss"].backward()
-    grad_norm = nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip or float("inf"))
-    momentum = ema_momentum(step, total, config.objective.ema_start, config.objective.ema_end)
-    if not bool(torch.isfinite(grad_norm)):  # the same on every process: DDP has averaged the gradients
-        optimizer.zero_grad(set_to_none=True)  # skip the step: student, optimiser state and teacher stay as they are
-        return res, {"lr": lr, "momentum": momentum, "grad_norm": float(grad_norm), "skipped": True}
-    optimizer.step()
-    if hasattr(module, "update_teacher"):
-        module.update_teacher(momentum)
-    return res, {"lr": lr, "momentum": momentum, "grad_norm": float(grad_norm), "skipped": False}
 
 
 def _preset_length(config: PretrainConfig) -> bool:
@@ -364,16 +453,9 @@ def _preset_length(config: PretrainConfig) -> bool:
     return (config.max_steps, config.epochs) == (base.max_steps, base.epochs)
 
 
-def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at, rank, world, local_rank):
-    from msm.core import to_device
-    if config.batch_size % world:
-        fits = [n for n in range(1, config.batch_size + 1) if config.batch_size % n == 0]
-        raise MSMError(f"batch_size {config.batch_size} cannot be split evenly over {world} processes (run "
-                       f"{', '.join(map(str, fits))} processes, or --set batch_size=<a multiple of {world}>)")
-    scenes = SceneDataset(data_root, split, cache=config.cache_scenes)
-    check_scenes(scenes.paths)
-    ckpt_path, ckpt, data_id = out / "checkpoint.pt", None, _data_id(scenes)
-    legacy = False
+def _run_length(config, scenes, max_steps, epochs, resume, ckpt_path):
+    "(config with its run length, total steps, checkpoint to resume or None)."
+    ckpt, legacy = None, False
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         legacy = "data" not in ckpt  # written before the run length went into the config
@@ -386,64 +468,105 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
     else:
         config = _with_length(config, max_steps, epochs)
         total = total_steps(config, len(scenes))
-    config.check()
+    return config.check(), total, ckpt
+
+
+def _setup(config, spec, device, world, local_rank, ckpt, ckpt_path):
+    "(DDP-wrapped or bare model, module, optimiser, gradient scaler, autocast dtype) of a run, restored from `ckpt`."
+    seed_everything(config.seed)
+    dtype = amp_dtype(config, device)
+    module = spec.build_model(config).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(module, config), lr=config.lr, betas=tuple(config.betas))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if ckpt is not None:
+        _restore(module, optimizer, scaler, ckpt, ckpt_path)
+    unused = config.ddp_find_unused
+    if unused is None:
+        unused = spec.unused_params is None or bool(spec.unused_params(config))
+    model = module if world == 1 else nn.parallel.DistributedDataParallel(
+        module, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=unused)
+    return model, module, optimizer, scaler, dtype
+
+# %% ../nbs/09_pretrain.ipynb #63c217c6
+def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at, rank, world, local_rank,
+              stop):
+    from msm.core import to_device
+    scenes = SceneDataset(data_root, split, cache=config.cache_scenes)
+    check_scenes(scenes.paths)
+    ckpt_path, data_id = out / "checkpoint.pt", _data_id(scenes)
+    config, total, ckpt = _run_length(config, scenes, max_steps, epochs, resume, ckpt_path)
+    data = StepSamples(scenes, spec.build_sampler(config), config.seed, config.batch_size, rank, world,
+                       int(ckpt["step"]) if ckpt else 0, total, config.accum_steps)
     if resume:
         _check_resume(ckpt, ckpt_path, config, spec.name, total, data_id, world)
     elif ckpt_path.exists():
         raise MSMError(f"{ckpt_path}: a checkpoint exists already (pass --resume to continue it, or use another --out)")
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    seed_everything(config.seed)
-    module = spec.build_model(config).to(device)
-    optimizer = torch.optim.AdamW(_param_groups(module, config), lr=config.lr, betas=tuple(config.betas))
-    start, elapsed = 0, 0.0
-    if ckpt is not None:
-        _restore(module, optimizer, ckpt, ckpt_path)
-        start, elapsed = int(ckpt["step"]), float(ckpt.get("elapsed", 0.0))
+    model, module, optimizer, scaler, dtype = _setup(config, spec, device, world, local_rank, ckpt, ckpt_path)
+    start, elapsed = (int(ckpt["step"]), float(ckpt.get("elapsed", 0.0))) if ckpt else (0, 0.0)
     log = RunLog(out, f"pretrain {config.name}", start, total, resume, progress, rank == 0, config.tensorboard)
-    model = module if world == 1 else nn.parallel.DistributedDataParallel(
-        module, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=config.ddp_find_unused)
-    data = StepSamples(scenes, spec.build_sampler(config), config.seed, config.batch_size, rank, world, start, total)
-    loader = torch.utils.data.DataLoader(data, batch_size=data.local, shuffle=False, num_workers=config.num_workers,
-                                         collate_fn=spec.collate, pin_memory=device.type == "cuda")
+    workers = runs.auto_workers(data.local, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if config.num_workers is None \
+        else config.num_workers
+    loader = iter(torch.utils.data.DataLoader(
+        data, batch_sampler=data.micro_batches(), num_workers=workers, collate_fn=_WithScenes(spec.collate),
+        pin_memory=device.type == "cuda", worker_init_fn=runs.worker_init if workers else None))
     model.train()
-    step, t_run, t_log, s_log, points, line = start, time.time(), time.time(), start, 0, {}
-    skipped, in_a_row = int(ckpt.get("skipped_steps", 0)) if ckpt else 0, 0
-    for batch in loader:
-        res, info = _step(model, module, optimizer, to_device(batch, device), config, step, total, rank)
-        step, points = step + 1, points + int(batch["n_points"])
+    step, t_run, t_log, s_log, points, line, saved = start, time.time(), time.time(), start, 0, {}, ckpt is not None
+    skipped, in_a_row, waited, computed, signal_name = int(ckpt.get("skipped_steps", 0)) if ckpt else 0, 0, 0.0, 0.0, None
+    while step < total:
+        t0 = time.time()
+        micro = [to_device(next(loader), device) for _ in data.micro]
+        t1 = time.time()
+        res, info = _step(model, module, optimizer, scaler, micro, config, step, total, rank, world, dtype)
+        step, points = step + 1, points + sum(int(b["n_points"]) for b in micro)
+        waited, computed = waited + t1 - t0, computed + time.time() - t1
         in_a_row = in_a_row + 1 if info.pop("skipped") else 0
         skipped += in_a_row > 0
         if in_a_row and rank == 0:
             warnings.warn(f"step {step}: non-finite loss or gradients (grad norm {info['grad_norm']}), step skipped",
                           stacklevel=3)
         if in_a_row >= config.max_skipped_steps:
+            kept = f"{ckpt_path} holds the last checkpoint" if saved else "no checkpoint was written yet"
             raise MSMError(f"{in_a_row} steps in a row with a non-finite loss or gradients (up to step {step}); "
-                           f"weights untouched since, {ckpt_path} holds the last checkpoint (lower lr?)")
-        if step % config.log_every == 0 or step in (total, stop_at):
-            keys = sorted(k for k in res if k.startswith(("loss", "voxels_")))
-            vals = torch.tensor([float(torch.as_tensor(res[k]).detach()) for k in keys] + [points], dtype=torch.float64)
-            vals = mean_over_ranks(vals.to(device), world).cpu().tolist()  # losses: mean; counts: sum / world
-            now = time.time()
+                           f"weights untouched since, {kept} (lower lr?)")
+        signal_name = stop.agreed(world, device)
+        if step % config.log_every == 0 or step in (total, stop_at) or signal_name:
+            keys = sorted(k for k in res if k.startswith("loss"))
+            counts = sorted(k for k in res if k.startswith("voxels_"))
+            losses = runs.weighted_mean_over_ranks(torch.stack([res[k] for k in keys]).double(), data.local, world)
+            sums = runs.mean_over_ranks(torch.tensor([float(res[k]) for k in counts] + [points], dtype=torch.float64,
+                                                device=device), world) * world  # summed over processes
+            now, n = time.time(), step - s_log
             line = {"step": step, "epoch": step * config.batch_size / len(scenes),
-                    **{k: v * world if k.startswith("voxels_") else v for k, v in zip(keys, vals)}, **info,
-                    "skipped_steps": skipped,
-                    "time": elapsed + now - t_run, "steps_per_s": (step - s_log) / max(now - t_log, 1e-9),
-                    "points_per_s": vals[-1] * world / max(now - t_log, 1e-9)}
-            t_log, s_log, points = now, step, 0
+                    **dict(zip(keys, losses.cpu().tolist())), **dict(zip(counts, sums[:-1].cpu().tolist())), **info,
+                    "skipped_steps": skipped, "time": elapsed + now - t_run, "steps_per_s": n / max(now - t_log, 1e-9),
+                    "points_per_s": float(sums[-1]) / max(now - t_log, 1e-9), "data_s": waited / n,
+                    "step_s": computed / n, **runs.peak_memory(device)}
+            t_log, s_log, points, waited, computed = now, step, 0, 0.0, 0.0
             log.write(line)
-        if step % config.save_every == 0 or step == total:
-            _check_finite(module, step)  # on every rank (identical weights), so no rank waits at a barrier alone
+        epoch_now, epoch_before = step * config.batch_size // len(scenes), (step - 1) * config.batch_size // len(scenes)
+        keep = config.keep_every is not None and epoch_now // config.keep_every > epoch_before // config.keep_every
+        if step % config.save_every == 0 or step == total or keep or signal_name:
+            _check_finite(module, step, saved)  # on every rank (identical weights), so no rank waits at a barrier alone
             if world > 1:
                 dist.barrier()
             if rank == 0:
+                extra = {"skipped_steps": skipped, **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
                 save_checkpoint(ckpt_path, {**_checkpoint(module, optimizer, config, spec.name, step, total, world,
-                                                          elapsed + time.time() - t_run, data_id), "skipped_steps": skipped})
+                                                          elapsed + time.time() - t_run, data_id), **extra})
+                if keep:
+                    _keep_copy(ckpt_path, epoch_now // config.keep_every * config.keep_every)
+            saved = True
             if world > 1:
                 dist.barrier()
         log.bar.update(1)
-        if stop_at is not None and step >= stop_at:
+        if (stop_at is not None and step >= stop_at) or signal_name:
             break
     log.close()
+    if signal_name and rank == 0:
+        print(f"{signal_name} received: stopped after step {step} of {total}; {ckpt_path} written "
+              "(continue with --resume)", flush=True)
     seconds = time.time() - t_run
     return {"step": step, "total_steps": total, "loss": line.get("loss"), "checkpoint": str(ckpt_path),
-            "metrics": str(out / "metrics.jsonl"), "seconds": seconds, "steps_per_s": (step - start) / max(seconds, 1e-9)}
+            "metrics": str(out / "metrics.jsonl"), "seconds": seconds, "steps_per_s": (step - start) / max(seconds, 1e-9),
+            "stopped_by": signal_name}
