@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import ConfigBase, MSMError, _from_plain, model_device, read_checkpoint, save_checkpoint, seed_everything
+from .core import (ConfigBase, MSMError, _from_plain, model_device, read_checkpoint, run_lock, save_checkpoint,
+                      seed_everything)
 from .data import SceneDataset, check_scenes
 from .hunet import HUNetConfig
 from .masking import MaskConfig
@@ -296,11 +297,16 @@ def _checkpoint(module: nn.Module, optimizer, config: PretrainConfig, name: str,
     return ckpt
 
 
-def _check_finite(module: nn.Module, step: int) -> None:
+def _check_finite(module: nn.Module, step: int, path: Path) -> None:
     "`MSMError` when a weight is not finite: the last good checkpoint must not be overwritten (run on every rank)."
     bad = [k for k, v in module.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise MSMError(f"step {step}: non-finite weights in {', '.join(bad[:4])}; the last checkpoint is kept")
+        raise MSMError(f"step {step}: non-finite weights in {', '.join(bad[:4])}; {_kept(path)}")
+
+
+def _kept(path: Path) -> str:
+    "What is left of a run that stops now: the words are true whether or not a checkpoint was written."
+    return f"{path} holds the last checkpoint" if path.is_file() else "no checkpoint was written yet"
 
 
 def _restore(module: nn.Module, optimizer, ckpt: dict, path: Path) -> None:
@@ -325,13 +331,14 @@ def pretrain(config: PretrainConfig | str, data_root, out_dir, max_steps: int | 
     spec, out = get_method(method), Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MSMError(f"{out}: exists and is not a folder (--out names the run's folder)")
-    rank, world, local_rank, created = init_distributed()
-    try:
-        return _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at,
-                         rank, world, local_rank)
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
+    with run_lock(out, "msm pretrain run"):  # one run per folder (rank 0 only, by RANK); released when it ends or dies
+        rank, world, local_rank, created = init_distributed()
+        try:
+            return _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at,
+                             rank, world, local_rank)
+        finally:
+            if created and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _step(model, module, optimizer, batch, config, step, total, rank):
@@ -418,7 +425,7 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
                           stacklevel=3)
         if in_a_row >= config.max_skipped_steps:
             raise MSMError(f"{in_a_row} steps in a row with a non-finite loss or gradients (up to step {step}); "
-                           f"weights untouched since, {ckpt_path} holds the last checkpoint (lower lr?)")
+                           f"weights untouched since, {_kept(ckpt_path)} (lower lr?)")
         if step % config.log_every == 0 or step in (total, stop_at):
             keys = sorted(k for k in res if k.startswith(("loss", "voxels_")))
             vals = torch.tensor([float(torch.as_tensor(res[k]).detach()) for k in keys] + [points], dtype=torch.float64)
@@ -432,7 +439,7 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
             t_log, s_log, points = now, step, 0
             log.write(line)
         if step % config.save_every == 0 or step == total:
-            _check_finite(module, step)  # on every rank (identical weights), so no rank waits at a barrier alone
+            _check_finite(module, step, ckpt_path)  # on every rank (identical weights), so no rank waits at a barrier alone
             if world > 1:
                 dist.barrier()
             if rank == 0:
