@@ -75,6 +75,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                           'msm.core._fits': ('core.html#_fits', 'msm/core.py'),
                           'msm.core._from_plain': ('core.html#_from_plain', 'msm/core.py'),
                           'msm.core._fsync_folder': ('core.html#_fsync_folder', 'msm/core.py'),
+                          'msm.core._held_ctrl_c': ('core.html#_held_ctrl_c', 'msm/core.py'),
                           'msm.core._lock_holder': ('core.html#_lock_holder', 'msm/core.py'),
                           'msm.core._non_finite': ('core.html#_non_finite', 'msm/core.py'),
                           'msm.core._pid_alive': ('core.html#_pid_alive', 'msm/core.py'),

@@ -216,31 +216,57 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
+@contextlib.contextmanager
+def _held_ctrl_c():
+    "Hold a Ctrl-C (SIGINT) arriving in the block until it ends (a second one interrupts at once); yields those held."
+    import signal
+    import threading
+    held = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # someone else decides about Ctrl-C
+        yield held
+        return
+
+    def hold(sig, frame):
+        held.append(sig)
+        if len(held) > 1:
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, hold)
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
     "`torch.save(obj)` to `path` atomically: a temporary file next to it, flushed to disk, then renamed over `path`."
     path = Path(path)
     remove_stale_temps(path)  # left by a process killed mid-save (SIGKILL, power loss)
     tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
+    with _held_ctrl_c() as held:
         try:
-            tmp.unlink(missing_ok=True)  # the previous checkpoint at `path` is untouched
-        except OSError:
-            pass
-        kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was written yet"
-        if isinstance(e, KeyboardInterrupt):
-            raise CheckpointInterrupted(f"{path}: interrupted while writing the checkpoint; {kept}") from None
-        if isinstance(e, Exception) and not isinstance(e, MSMError):
-            full = _disk_full(path.parent)
-            raise CheckpointWriteError(f"{path}: checkpoint not written ({_why(e)}{'; the disk is full' if full else ''})"
-                                       f"; {kept}") from e
-        raise
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            try:
+                tmp.unlink(missing_ok=True)  # the previous checkpoint at `path` is untouched
+            except OSError:
+                pass
+            kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was written yet"
+            if isinstance(e, KeyboardInterrupt) or len(held) > 1:  # torch's writer may wrap it in a RuntimeError
+                raise CheckpointInterrupted(f"{path}: not written (Ctrl-C during the write); {kept}") from None
+            if isinstance(e, Exception) and not isinstance(e, MSMError):
+                full = _disk_full(path.parent)
+                raise CheckpointWriteError(f"{path}: checkpoint not written ({_why(e)}"
+                                           f"{'; the disk is full' if full else ''}); {kept}") from e
+            raise
     _fsync_folder(path.parent)
+    if held:  # the Ctrl-C waited for the write: the new checkpoint is complete, now stop
+        raise CheckpointInterrupted(f"{path}: written in full before stopping (Ctrl-C came during the write)")
 
 
 def _disk_full(folder: Path) -> bool:
