@@ -210,10 +210,12 @@ def _cmd_probe(a):
 
 
 def _cmd_features(a):
+    if Path(a.out).is_dir():
+        raise MSMError(f"{a.out}: a folder; --out names the .npy file to write")
     model = load_backbone(a.ckpt)
     from msm.probe import write_point_features
-    write_point_features(model, a.scene, a.out)
-    print(f"wrote {a.out}")
+    out = write_point_features(model, a.scene, a.out)  # adds .npy to a name without it
+    print(f"wrote {out}")
 
 
 def _cmd_viz(a):

@@ -216,6 +216,30 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
+class _Recorder:
+    "A file that remembers the first OSError of a write: torch's zip writer replaces it by a RuntimeError without the reason."
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        try:
+            return self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def fileno(self):
+        return self.f.fileno()
+
+
 @contextlib.contextmanager
 def _held_ctrl_c():
     "Hold a Ctrl-C (SIGINT) arriving in the block until it ends (a second one interrupts at once); yields those held."
@@ -243,15 +267,18 @@ def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
     "`torch.save(obj)` to `path` atomically: a temporary file next to it, flushed to disk, then renamed over `path`."
     path = Path(path)
     remove_stale_temps(path)  # left by a process killed mid-save (SIGKILL, power loss)
-    tmp = _temp_path(path)
+    tmp, f = _temp_path(path), None
     with _held_ctrl_c() as held:
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb") as raw:
+                f = _Recorder(raw)
                 torch.save(obj, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException as e:
+            e = (f.error if f is not None and f.error is not None else e) if isinstance(e, Exception) else e
+            full = isinstance(e, Exception) and not _is_enospc(e) and _disk_full(path.parent)  # before the space is freed
             try:
                 tmp.unlink(missing_ok=True)  # the previous checkpoint at `path` is untouched
             except OSError:
@@ -260,13 +287,17 @@ def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
             if isinstance(e, KeyboardInterrupt) or len(held) > 1:  # torch's writer may wrap it in a RuntimeError
                 raise CheckpointInterrupted(f"{path}: not written (Ctrl-C during the write); {kept}") from None
             if isinstance(e, Exception) and not isinstance(e, MSMError):
-                full = _disk_full(path.parent)
                 raise CheckpointWriteError(f"{path}: checkpoint not written ({_why(e)}"
                                            f"{'; the disk is full' if full else ''}); {kept}") from e
             raise
     _fsync_folder(path.parent)
     if held:  # the Ctrl-C waited for the write: the new checkpoint is complete, now stop
         raise CheckpointInterrupted(f"{path}: written in full before stopping (Ctrl-C came during the write)")
+
+
+def _is_enospc(e: BaseException) -> bool:
+    import errno
+    return isinstance(e, OSError) and e.errno == errno.ENOSPC
 
 
 def _disk_full(folder: Path) -> bool:
@@ -407,9 +438,12 @@ def _fits(hint, v) -> bool:
     return isinstance(v, (int, float)) if t is float else isinstance(v, t)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)  # weights and schedules are computed in float32
+
+
 def _non_finite(v, name: str):
-    "(dotted name, value) of the first float in `v` (also inside lists, tuples and dicts) that is NaN or infinite."
-    if isinstance(v, float) and not np.isfinite(v):
+    "(dotted name, value) of the first float in `v` (also in lists, tuples, dicts) that is NaN or infinite in float32."
+    if isinstance(v, float) and not abs(v) <= _F32_MAX:  # NaN fails every comparison
         return name, v
     items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, (list, tuple)) else ()
     for k, x in items:
@@ -474,4 +508,5 @@ class ConfigBase:
             else:
                 bad = _non_finite(v, name)
                 if bad:  # JSON reads 1e400 as inf and NaN as nan: a run on them would only produce NaN
-                    raise MSMError(f"{source}: {bad[0]} = {bad[1]!r} is not a finite number")
+                    raise MSMError(f"{source}: {bad[0]} = {bad[1]!r} is not a finite number (in float32, as the "
+                                   "run computes)")
