@@ -43,12 +43,14 @@ def load_backbone(path: str | os.PathLike, device: str | None = None):
         if not isinstance(model_cfg, dict) or not isinstance(ckpt["model"], dict):
             raise MSMError(f"{path}: its 'config' and 'model' entries should be dicts (a damaged checkpoint?)")
         model = HUNet(HUNetConfig.from_dict(model_cfg, source=str(path)))
-        own, name = model.state_dict(), cfg.get("name", "its") if isinstance(cfg, dict) else "its"
+        own = model.state_dict()
+        whose = f"the checkpoint's own config ('{cfg['name']}')" if isinstance(cfg, dict) and "name" in cfg else \
+            "the checkpoint's own config"
         for k, v in ckpt["model"].items():  # another preset's weights, or one tensor cut short
             if k in own and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape)):
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise MSMError(f"{path}: tensor '{k}' has shape {got}, but the checkpoint's own config ('{name}') "
-                               f"needs {tuple(own[k].shape)} (weights of another preset, or a damaged file)")
+                raise MSMError(f"{path}: tensor '{k}' has shape {got}, but {whose} needs {tuple(own[k].shape)} "
+                               "(weights of another preset, or a damaged file)")
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         if missing or unexpected:
             raise MSMError(f"{path}: checkpoint does not match its own config "
@@ -219,6 +221,8 @@ def _cmd_features(a):
 
 
 def _cmd_viz(a):
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise MSMError(f"{a.out}: exists and is not a folder (--out names the folder for the PNG and HTML)")
     model = load_backbone(a.ckpt)
     from msm.viz import render_scene_features
     files = render_scene_features(model, a.scene, a.out)

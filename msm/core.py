@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import random
+import re
 import socket
 import time
 import types
@@ -331,8 +332,23 @@ def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict:
     if not os.path.isfile(path):
         raise MSMError(f"{path}: checkpoint file not found")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError as e:
+        raise MSMError(f"{path}: not a readable PyTorch checkpoint ({e.strerror})") from None
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (a pickle before torch 1.6)
+        what = "an empty file" if not head else "neither a zip archive nor a pickle"
+        raise MSMError(f"{path}: not a readable PyTorch checkpoint ({what})")
+    try:
         ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe:  # torch's message would suggest weights_only=False, i.e. running code from the file
+            raise MSMError(f"{path}: holds a Python object ({unsafe.group(1)}) besides tensors and plain data; "
+                           "it is not loaded, for safety") from None
+        if "central directory" in str(e):  # what miniz says of a zip cut short
+            raise MSMError(f"{path}: not a readable PyTorch checkpoint (the zip archive is cut short or damaged: an "
+                           "interrupted copy or download?)") from None
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).partition("\n")[0][:200]
         raise MSMError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict):
