@@ -485,3 +485,46 @@ def test_pretrain_out_is_a_file_or_checkpoint_a_folder(root, tmp_path, capsys):
     one_line(*cli(capsys, *pretrain_args(root, tmp_path / "run", "--resume")), "checkpoint.pt")
     one_line(*cli(capsys, *pretrain_args(root, tmp_path / "none", "--resume")), "no checkpoint to resume from")
     assert not (tmp_path / "none").exists()  # a refused run leaves no empty folder behind
+
+
+def _empty(p, good):
+    p.write_bytes(b"")
+    return "not a readable PyTorch checkpoint (an empty file)"
+
+
+def _text(p, good):
+    p.write_text("weights: none\n")
+    return "not a readable PyTorch checkpoint (neither a zip archive nor a pickle)"
+
+
+def _cut_short(p, good):
+    p.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # a copy that died half-way
+    return "not a readable PyTorch checkpoint (the zip archive is cut short or damaged"
+
+
+def _unsafe_object(p, good):
+    import pathlib
+    torch.save({"model": {}, "config": {}, "note": pathlib.PurePosixPath("x")}, p)
+    return "holds a Python object (pathlib.PurePosixPath) besides tensors and plain data; it is not loaded, for safety"
+
+
+@pytest.mark.parametrize("damage", [_empty, _text, _cut_short, _unsafe_object])
+def test_unreadable_checkpoints_say_why(root, straight, tmp_path, capsys, damage):
+    bad = tmp_path / "bad.pt"
+    words = damage(bad, straight / "checkpoint.pt")
+    one_line(*cli(capsys, "features", "--ckpt", bad, "--scene", root / "val" / "room9", "--out", tmp_path / "f.npy"),
+             f"{bad}: {words}")
+    run = tmp_path / "run"  # the same file as the checkpoint of a run to resume
+    run.mkdir()
+    shutil.copy(bad, run / "checkpoint.pt")
+    before = snapshot(run)
+    one_line(*cli(capsys, *pretrain_args(root, run, "--resume")), words)
+    assert snapshot(run) == before
+
+
+def test_viz_out_is_a_file(straight, root, tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    one_line(*cli(capsys, "viz", "--ckpt", straight / "checkpoint.pt", "--scene", root / "val" / "room9", "--out", f),
+             f"{f}: exists and is not a folder")
+    assert f.read_text() == "keep me"
