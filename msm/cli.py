@@ -25,6 +25,7 @@ __all__ = ['load_backbone', 'build_parser', 'parse_settings', 'pretrain_config',
 def load_backbone(path: str | os.PathLike, device: str | None = None):
     "A frozen-ready HUNet from an `msm pretrain` checkpoint or the official released weights (file `path`)."
     import torch
+
     from msm.core import check_finite_weights, default_device, read_checkpoint
     from msm.hunet import HUNet, HUNetConfig
     from msm.official import OFFICIAL_PREFIX, load_official, state_dict_of

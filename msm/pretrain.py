@@ -21,8 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import (ConfigBase, MSMError, _from_plain, model_device, read_checkpoint, run_lock, save_checkpoint,
-                      seed_everything)
+from .core import ConfigBase, MSMError, _from_plain, model_device, read_checkpoint, save_checkpoint, seed_everything
 from .data import SceneDataset, check_scenes
 from .hunet import HUNetConfig
 from .masking import MaskConfig
@@ -331,6 +330,7 @@ def pretrain(config: PretrainConfig | str, data_root, out_dir, max_steps: int | 
     spec, out = get_method(method), Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MSMError(f"{out}: exists and is not a folder (--out names the run's folder)")
+    from msm.core import run_lock
     with run_lock(out, "msm pretrain run"):  # one run per folder (rank 0 only, by RANK); released when it ends or dies
         rank, world, local_rank, created = init_distributed()
         try:
