@@ -136,13 +136,12 @@ def test_make_samples_refuses_a_non_empty_target(tmp_path, capsys):
     before = snapshot(ds)
     one_line(*cli(capsys, "make-samples", "--out", ds, "--n", 2, "--points", 200), f"{ds}: not empty", "--overwrite")
     assert snapshot(ds) == before
-    status, err = cli(capsys, "make-samples", "--out", ds, "--n", 3, "--points", 200, "--overwrite")
-    assert status == 0, err
+    assert main(["make-samples", "--out", str(ds), "--n", "3", "--points", "200", "--overwrite"]) == 0
+    assert "wrote 3 rooms" in capsys.readouterr().out
     rooms = sorted(str(p.relative_to(ds)) for p in ds.glob("*/room_*"))
     assert rooms == ["train/room_0000", "train/room_0001", "val/room_0002"]  # replaced, not mixed with the old set
     assert np.load(ds / "train" / "room_0000" / "coord.npy").shape == (200, 3)
     assert (ds / "notes.txt").read_text() == "the user's own file"  # nothing outside train/ and val/ touched
-    assert "wrote 3 rooms" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, words", [
