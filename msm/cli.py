@@ -24,7 +24,9 @@ __all__ = ['load_backbone', 'build_parser', 'parse_settings', 'pretrain_config',
 # %% ../nbs/13_cli.ipynb #a4393487
 def load_backbone(path: str | os.PathLike, device: str | None = None):
     "A frozen-ready HUNet from an `msm pretrain` checkpoint or the official released weights (file `path`)."
-    from msm.core import default_device, read_checkpoint
+    import torch
+
+    from msm.core import check_finite_weights, default_device, read_checkpoint
     from msm.hunet import HUNet, HUNetConfig
     from msm.official import OFFICIAL_PREFIX, load_official, state_dict_of
     path = Path(path)
@@ -34,10 +36,22 @@ def load_backbone(path: str | os.PathLike, device: str | None = None):
             model = load_official(ckpt)
         except MSMError as e:
             raise MSMError(f"{path}: {e}") from None
+        except (RuntimeError, ValueError) as e:  # a tensor cut short cannot even be re-laid out
+            raise MSMError(f"{path}: weights do not fit the paper HUNet ({' '.join(str(e).split())[:200]})") from None
     elif "config" in ckpt and "model" in ckpt:
         cfg = ckpt["config"]
         model_cfg = cfg.get("model", cfg) if isinstance(cfg, dict) else cfg
+        if not isinstance(model_cfg, dict) or not isinstance(ckpt["model"], dict):
+            raise MSMError(f"{path}: its 'config' and 'model' entries should be dicts (a damaged checkpoint?)")
         model = HUNet(HUNetConfig.from_dict(model_cfg, source=str(path)))
+        own = model.state_dict()
+        whose = f"the checkpoint's own config ('{cfg['name']}')" if isinstance(cfg, dict) and "name" in cfg else \
+            "the checkpoint's own config"
+        for k, v in ckpt["model"].items():  # another preset's weights, or one tensor cut short
+            if k in own and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape)):
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise MSMError(f"{path}: tensor '{k}' has shape {got}, but {whose} needs {tuple(own[k].shape)} "
+                               "(weights of another preset, or a damaged file)")
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         if missing or unexpected:
             raise MSMError(f"{path}: checkpoint does not match its own config "
@@ -45,6 +59,7 @@ def load_backbone(path: str | os.PathLike, device: str | None = None):
     else:
         raise MSMError(f"{path}: neither an `msm pretrain` checkpoint (keys 'model' + 'config') "
                        f"nor official MSM weights (keys 'module.student.*'); found keys {list(ckpt)[:8]}")
+    check_finite_weights(model.state_dict(), str(path))  # NaN weights give NaN features and a meaningless probe
     return model.to(default_device(device)).eval()
 
 # %% ../nbs/13_cli.ipynb #c661f26a
@@ -127,15 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n", type=int, default=12, help="number of rooms in total (a quarter, at least one, go to val)")
     m.add_argument("--seed", type=int, default=0, help="seed of the room generator (default: 0)")
     m.add_argument("--points", type=int, default=None, help="points per room (default: the generator's)")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT/train and OUT/val when OUT is not empty "
+                   "(without it a non-empty OUT is refused)")
     return p
 
 # %% ../nbs/13_cli.ipynb #fa8b352b
 def _cmd_make_samples(a):
     from msm.data import make_samples
+    if a.n < 2:
+        raise MSMError(f"--n {a.n}: need at least 2 rooms (one for train, one for val)")
+    if a.points is not None and a.points < 1:
+        raise MSMError(f"--points {a.points}: need at least 1 point per room")
     n_val = max(1, a.n // 4)
     kw = {} if a.points is None else {"n_points": a.points}
-    make_samples(a.out, n_train=max(1, a.n - n_val), n_val=n_val, seed=a.seed, **kw)
-    print(f"wrote {a.n} rooms to {a.out}/train and {a.out}/val")
+    folders = make_samples(a.out, n_train=a.n - n_val, n_val=n_val, seed=a.seed, overwrite=a.overwrite, **kw)
+    print(f"wrote {len(folders)} rooms to {a.out}/train and {a.out}/val")
 
 
 def parse_settings(items) -> dict:
@@ -165,8 +186,15 @@ def pretrain_config(a):
 
 def _cmd_pretrain(a):
     from msm.pretrain import pretrain
-    pretrain(pretrain_config(a), a.data, a.out, max_steps=a.max_steps, epochs=a.epochs, resume=a.resume,
-             method=a.method, progress=not a.no_progress, split=a.split)
+    try:
+        pretrain(pretrain_config(a), a.data, a.out, max_steps=a.max_steps, epochs=a.epochs, resume=a.resume,
+                 method=a.method, progress=not a.no_progress, split=a.split)
+    except KeyboardInterrupt as e:
+        if str(e):  # a Ctrl-C during a checkpoint write says itself what the file holds
+            raise
+        ckpt = Path(a.out) / "checkpoint.pt"
+        raise KeyboardInterrupt(f"{ckpt} holds the last checkpoint (continue with --resume)" if ckpt.is_file()
+                                else "no checkpoint was written yet") from None
 
 
 def _cmd_probe(a):
@@ -185,13 +213,17 @@ def _cmd_probe(a):
 
 
 def _cmd_features(a):
+    if Path(a.out).is_dir():
+        raise MSMError(f"{a.out}: a folder; --out names the .npy file to write")
     model = load_backbone(a.ckpt)
     from msm.probe import write_point_features
-    write_point_features(model, a.scene, a.out)
-    print(f"wrote {a.out}")
+    out = write_point_features(model, a.scene, a.out)  # adds .npy to a name without it
+    print(f"wrote {out}")
 
 
 def _cmd_viz(a):
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise MSMError(f"{a.out}: exists and is not a folder (--out names the folder for the PNG and HTML)")
     model = load_backbone(a.ckpt)
     from msm.viz import render_scene_features
     files = render_scene_features(model, a.scene, a.out)
@@ -215,7 +247,7 @@ def _one_line(e: Exception) -> str:
     msg = str(e)
     if msg.startswith("Caught ") and "Original Traceback" in msg:  # "...\nmsm.core.MSMError: <the message>"
         msg = msg.rstrip().splitlines()[-1].partition(": ")[2] or msg
-    return msg
+    return " ".join(msg.splitlines())  # one line, whatever the library put in
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         why = e.strerror or _one_line(e)  # an error re-raised from a DataLoader worker has lost filename and strerror
         print(f"{who}: error: {e.filename + ': ' if e.filename else ''}{why}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{who}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C: not an error of the user's input, so the shell's usual status 130
+        print(f"{who}: interrupted" + (f"; {_one_line(e)}" if str(e) else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -6,11 +6,17 @@ checkpoint files."""
 # %% ../nbs/00_core.ipynb #c3d6dd9a
 from __future__ import annotations
 
+import contextlib
 import glob
+import json
 import os
 import random
+import re
+import socket
+import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +24,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['GLOSSARY', 'SCENE_FIELDS', 'MSMError', 'validate_scene', 'seed_everything', 'default_device', 'to_device',
-           'model_device', 'num_threads', 'save_checkpoint', 'read_checkpoint', 'ConfigBase']
+__all__ = ['GLOSSARY', 'SCENE_FIELDS', 'LOCK_NAME', 'MSMError', 'validate_scene', 'seed_everything', 'default_device',
+           'to_device', 'model_device', 'num_threads', 'CheckpointWriteError', 'CheckpointInterrupted',
+           'remove_stale_temps', 'save_checkpoint', 'read_checkpoint', 'check_finite_weights', 'run_lock', 'ConfigBase']
 
 # %% ../nbs/00_core.ipynb #fb808f31
 GLOSSARY = {
@@ -162,22 +169,145 @@ def num_threads() -> int:
     return torch.get_num_threads()
 
 # %% ../nbs/00_core.ipynb #9f62b9c7
+class CheckpointWriteError(MSMError):
+    "A checkpoint could not be written (disk full, I/O error); the previous checkpoint file is untouched."
+
+
+class CheckpointInterrupted(KeyboardInterrupt):
+    "Ctrl-C arrived while a checkpoint was being written; its message says what the checkpoint file holds."
+
+
+def _pid_alive(pid: int) -> bool:
+    "Whether process `pid` exists on this machine (one of another user counts: it cannot be signalled, but it runs)."
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, owned by someone else
+        return True
+    return True
+
+
+def _temp_path(path: Path) -> Path:
+    "Where this process writes `path` before the rename: the name carries the writer's pid and host."
+    return path.with_name(f".{path.name}.tmp{os.getpid()}@{socket.gethostname()}")
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    "Remove the temporary files of `path` whose writer is gone (no such process on this host); returns them."
+    path, host, removed = Path(path), socket.gethostname(), []
+    head = f".{path.name}.tmp"
+    for tmp in path.parent.glob(f"{glob.escape(head)}*"):
+        pid, _, where = tmp.name[len(head):].partition("@")  # older files: .NAME.tmp<pid>, no host
+        if not pid.isdigit() or (where and where != host):
+            continue  # not ours to judge: another machine's writer on a shared disk
+        if int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _why(e: BaseException) -> str:
+    "One line for an exception raised while writing a file."
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    line = " ".join(str(e).split())[:200]
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+class _Recorder:
+    "A file that remembers the first OSError of a write: torch's zip writer replaces it by a RuntimeError without the reason."
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        try:
+            return self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def fileno(self):
+        return self.f.fileno()
+
+
+@contextlib.contextmanager
+def _held_ctrl_c():
+    "Hold a Ctrl-C (SIGINT) arriving in the block until it ends (a second one interrupts at once); yields those held."
+    import signal
+    import threading
+    held = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # someone else decides about Ctrl-C
+        yield held
+        return
+
+    def hold(sig, frame):
+        held.append(sig)
+        if len(held) > 1:
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, hold)
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
     "`torch.save(obj)` to `path` atomically: a temporary file next to it, flushed to disk, then renamed over `path`."
     path = Path(path)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):  # left by a process killed mid-save (SIGKILL, power loss)
-        stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # the previous checkpoint at `path` is untouched
-        raise
+    remove_stale_temps(path)  # left by a process killed mid-save (SIGKILL, power loss)
+    tmp, f = _temp_path(path), None
+    with _held_ctrl_c() as held:
+        try:
+            with open(tmp, "wb") as raw:
+                f = _Recorder(raw)
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            e = (f.error if f is not None and f.error is not None else e) if isinstance(e, Exception) else e
+            full = isinstance(e, Exception) and not _is_enospc(e) and _disk_full(path.parent)  # before the space is freed
+            try:
+                tmp.unlink(missing_ok=True)  # the previous checkpoint at `path` is untouched
+            except OSError:
+                pass
+            kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was written yet"
+            if isinstance(e, KeyboardInterrupt) or len(held) > 1:  # torch's writer may wrap it in a RuntimeError
+                raise CheckpointInterrupted(f"{path}: not written (Ctrl-C during the write); {kept}") from None
+            if isinstance(e, Exception) and not isinstance(e, MSMError):
+                raise CheckpointWriteError(f"{path}: checkpoint not written ({_why(e)}"
+                                           f"{'; the disk is full' if full else ''}); {kept}") from e
+            raise
     _fsync_folder(path.parent)
+    if held:  # the Ctrl-C waited for the write: the new checkpoint is complete, now stop
+        raise CheckpointInterrupted(f"{path}: written in full before stopping (Ctrl-C came during the write)")
+
+
+def _is_enospc(e: BaseException) -> bool:
+    import errno
+    return isinstance(e, OSError) and e.errno == errno.ENOSPC
+
+
+def _disk_full(folder: Path) -> bool:
+    "Whether the file system of `folder` has (almost) no free space left: the reason torch's zip writer does not give."
+    import shutil
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -202,13 +332,101 @@ def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict:
     if not os.path.isfile(path):
         raise MSMError(f"{path}: checkpoint file not found")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError as e:
+        raise MSMError(f"{path}: not a readable PyTorch checkpoint ({e.strerror})") from None
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (a pickle before torch 1.6)
+        what = "an empty file" if not head else "neither a zip archive nor a pickle"
+        raise MSMError(f"{path}: not a readable PyTorch checkpoint ({what})")
+    try:
         ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
-        why = str(e).partition("\n")[0][:200]
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe:  # torch's message would suggest weights_only=False, i.e. running code from the file
+            raise MSMError(f"{path}: holds a Python object ({unsafe.group(1)}) besides tensors and plain data; "
+                           "it is not loaded, for safety") from None
+        if "central directory" in str(e):  # what miniz says of a zip cut short
+            raise MSMError(f"{path}: not a readable PyTorch checkpoint (the zip archive is cut short or damaged: an "
+                           "interrupted copy or download?)") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).partition("\n")[0][:200]
         raise MSMError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict):
         raise MSMError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     return ckpt
+
+
+def check_finite_weights(state: dict, source: str) -> None:
+    "`MSMError` naming `source` and the first tensors of a state dict that hold NaN or infinity."
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise MSMError(f"{source}: non-finite weights (NaN or infinity) in tensor {', '.join(bad[:3])}{more}")
+
+# %% ../nbs/00_core.ipynb #5e1d0c39
+LOCK_NAME = ".msm.lock"  # the lock file a run holds in its output folder
+
+
+def _lock_holder(fd: int) -> str:
+    "Who holds a lock file, from what the holder wrote into it."
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"pid {info['pid']} on host {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, what: str = "msm run"):
+    "Hold an advisory lock on `folder` (created if needed) while the block runs; `MSMError` naming the holder if taken."
+    folder = Path(folder)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 writes into the folder
+        yield None
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks
+        yield None
+        return
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, fd = folder / LOCK_NAME, None
+    for _ in range(100):  # retried only when the holder removes the file between our open and our lock
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise MSMError(f"{folder}: another {what} is writing here ({holder}); wait for it to end or use another "
+                           "output folder") from None
+        except OSError as e:
+            os.close(fd)
+            fd = None
+            warnings.warn(f"{lock}: cannot lock ({e.strerror}); nothing stops a second run from writing here", stacklevel=3)
+            break
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        fd = None
+    if fd is not None:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode(), 0)
+    try:
+        yield lock
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                lock.unlink()  # before unlocking: a waiting process that opened this file retries on a new one
+            os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when the run left the folder it made empty
 
 # %% ../nbs/00_core.ipynb #4f9925d7
 def _from_plain(hint, v, source: str):
@@ -234,6 +452,21 @@ def _fits(hint, v) -> bool:
     if t in (int, float) and isinstance(v, bool):
         return False
     return isinstance(v, (int, float)) if t is float else isinstance(v, t)
+
+
+_F32_MAX = float(np.finfo(np.float32).max)  # weights and schedules are computed in float32
+
+
+def _non_finite(v, name: str):
+    "(dotted name, value) of the first float in `v` (also in lists, tuples, dicts) that is NaN or infinite in float32."
+    if isinstance(v, float) and not abs(v) <= _F32_MAX:  # NaN fails every comparison
+        return name, v
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, (list, tuple)) else ()
+    for k, x in items:
+        bad = _non_finite(x, f"{name}.{k}" if isinstance(v, dict) else f"{name}[{k}]")
+        if bad:
+            return bad
+    return None
 
 
 def _type_name(hint) -> str:
@@ -288,3 +521,8 @@ class ConfigBase:
                 v.check_types(source, name + ".")
             elif not _fits(hints[f.name], v):
                 raise MSMError(f"{source}: {name} = {v!r} should be {_type_name(hints[f.name])}")
+            else:
+                bad = _non_finite(v, name)
+                if bad:  # JSON reads 1e400 as inf and NaN as nan: a run on them would only produce NaN
+                    raise MSMError(f"{source}: {bad[0]} = {bad[1]!r} is not a finite number (in float32, as the "
+                                   "run computes)")

@@ -57,6 +57,20 @@ def _gather(names, get, source, label_key=None) -> tuple[dict, int | None]:
     return scene, _N_CLASSES.get(key)
 
 # %% ../nbs/01_data.ipynb #ff5e97fd
+def _not_a_file(f: Path) -> str | None:
+    "Why `f` cannot be read as a file ('missing', 'a broken symlink or a symlink loop', 'a folder'), or None."
+    if f.is_file():
+        return None
+    if os.path.lexists(f):
+        return "a folder, not a file" if f.is_dir() else "a broken symlink or a symlink loop"
+    return "missing"
+
+
+def _required(name: str, why: str) -> str:
+    "'missing coord.npy', or 'coord.npy is a broken symlink or a symlink loop'."
+    return f"missing {name}.npy" if why == "missing" else f"{name}.npy is {why}"
+
+
 def _np_load(f: Path):
     "np.load without pickles; unreadable files raise MSMError naming the file."
     with open(f, "rb") as fh:
@@ -80,8 +94,9 @@ EXTRA_FIELDS = ("feat2d", "region")  # per-point extras read from scene folders:
 def _load_folder(folder: Path, label_key):
     "A Pointcept scene folder: coord.npy, color.npy, [normal.npy, segment20|segment200|segment.npy, instance.npy]."
     for req in ("coord", "color"):
-        if not (folder / f"{req}.npy").is_file():
-            raise MSMError(f"{folder}: missing {req}.npy (a Pointcept scene folder needs coord.npy and color.npy)")
+        why = _not_a_file(folder / f"{req}.npy")
+        if why:
+            raise MSMError(f"{folder}: {_required(req, why)} (a Pointcept scene folder needs coord.npy and color.npy)")
     names = {p.stem for p in folder.glob("*.npy")}
     scene, n = _gather(names, lambda k: _np_load(folder / f"{k}.npy"), folder, label_key)
     for extra in EXTRA_FIELDS:  # optional per-point arrays that ride along (validate_scene checks their length)
@@ -232,6 +247,11 @@ def save_scene(scene: dict, folder: str | os.PathLike, label_key: str = "segment
     return folder
 
 # %% ../nbs/01_data.ipynb #3ff2832c
+def _is_scene_folder(p: Path) -> bool:
+    "Whether folder `p` is a scene: a Pointcept folder (coord.npy, even a broken one) or a raw S3DIS room (Annotations/)."
+    return os.path.lexists(p / "coord.npy") or (p / "Annotations").is_dir() or any(p.glob("*.npy"))
+
+
 def list_scenes(root: str | os.PathLike, split: str | list[str]) -> list[Path]:
     "The scenes of `root/split`, sorted by name; `split` may join several folders ('Area_1,Area_2' or a list)."
     root = Path(root)
@@ -246,30 +266,66 @@ def list_scenes(root: str | os.PathLike, split: str | list[str]) -> list[Path]:
         if not d.is_dir():
             found = sorted(p.name for p in root.iterdir() if p.is_dir())
             raise MSMError(f"{root}: no '{name}' split folder (found: {', '.join(found) or 'nothing'})")
-        here = sorted(p for p in d.iterdir() if (p.is_dir() and ((p / "coord.npy").exists() or (p / "Annotations").is_dir()))
-                      or (p.is_file() and p.suffix.lower() in _SUFFIXES))
+        here = []
+        for p in sorted(d.iterdir()):
+            if p.name.startswith("."):  # .ipynb_checkpoints, .DS_Store, editors' files: never scenes
+                continue
+            if p.is_dir():
+                if not _is_scene_folder(p):
+                    raise MSMError(f"{p}: a folder in split '{name}' that is no scene (no coord.npy; a Pointcept scene "
+                                   "folder needs coord.npy and color.npy, a raw S3DIS room an Annotations/ folder)")
+                here.append(p)
+            elif p.suffix.lower() in _SUFFIXES:
+                if not p.is_file():
+                    raise MSMError(f"{p}: {_not_a_file(p)}")
+                here.append(p)
+            elif os.path.lexists(p) and not p.exists():
+                raise MSMError(f"{p}: {_not_a_file(p)} in split '{name}'")
         if not here:
             raise MSMError(f"{d}: no scenes (expected folders with coord.npy, or .ply / .pth / .npz / .npy files)")
         scenes += here
     return sorted(set(scenes))  # one order (and no scene twice) however the splits are listed
 
 
+def _scene_problems(p: Path, read: set) -> list[str]:
+    "What `check_scenes` finds wrong with one scene, as 'file: problem' lines."
+    if p.is_dir() and (p / "Annotations").is_dir() and not os.path.lexists(p / "coord.npy"):
+        ok = any((p / "Annotations").glob("*.txt"))  # raw S3DIS room: its text files are checked when read
+        return [] if ok else [f"{p / 'Annotations'}: no annotation files (<class>_<k>.txt)"]
+    if p.is_dir():
+        problems = [f"{p}: {_required(r, why)} (a Pointcept scene folder needs coord.npy and color.npy)"
+                    for r in ("coord", "color") if (why := _not_a_file(p / f"{r}.npy"))]
+        files = sorted(f for f in p.glob("*.npy") if f.name in read and f.name not in ("coord.npy", "color.npy")
+                       or f.name in ("coord.npy", "color.npy") and f.is_file())
+    else:
+        problems, files = [], [p]
+    for f in files:
+        why = _not_a_file(f)
+        if why:
+            problems.append(f"{f}: {why}")
+            continue
+        try:
+            if f.stat().st_size == 0:
+                raise ValueError("empty file")
+            if f.suffix == ".npy":
+                with open(f, "rb") as fh:
+                    if fh.read(6) != b"\x93NUMPY":
+                        raise ValueError("not a numpy .npy file (no .npy header)")
+                np.load(f, mmap_mode="r", allow_pickle=False)  # the header and the size: a truncated file fails here
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).partition("\n")[0][:120]
+            problems.append(f"{f}: {why}")
+    return problems
+
+
 def check_scenes(paths) -> None:
-    "Cheap check before a long run: the files `load_scene` reads are there, and their .npy headers and sizes readable."
+    "Cheap check before a long run: every scene has the files `load_scene` needs, and their .npy headers and sizes read."
     read = {f"{k}.npy" for k in ("coord", "color", "normal", *_LABEL_KEYS, *_INSTANCE_KEYS, *EXTRA_FIELDS)}
-    bad = []
-    for p in map(Path, paths):  # raw S3DIS rooms (text files) are checked when read
-        files = sorted(f for f in p.glob("*.npy") if f.name in read) if p.is_dir() else [p]
-        for f in files:
-            try:
-                if not f.exists() or f.stat().st_size == 0:
-                    raise ValueError("missing or empty")
-                if f.suffix == ".npy":
-                    np.load(f, mmap_mode="r")  # reads the header and maps the data: a truncated file fails here
-            except (OSError, ValueError) as e:
-                bad.append(f"{f} ({str(e).partition(chr(10))[0][:80]})")
+    bad = [line for p in map(Path, paths) for line in _scene_problems(p, read)]
+    if len(bad) == 1:
+        raise MSMError(bad[0])
     if bad:
-        raise MSMError(f"{len(bad)} unreadable scene file(s): " + "; ".join(bad[:10]) + ("; ..." if len(bad) > 10 else ""))
+        raise MSMError(f"{len(bad)} unreadable scene files: " + "; ".join(bad[:10]) + ("; ..." if len(bad) > 10 else ""))
 
 
 class SceneDataset(torch.utils.data.Dataset):
@@ -312,13 +368,27 @@ def _room_seed(seed: int, i: int) -> int:
 
 
 def make_samples(out: str | os.PathLike, n_train: int = 8, n_val: int = 4, seed: int = 0, n_points: int = 40000,
-                 label_key: str = "segment20", verbose: bool = False, **options) -> list[Path]:
+                 label_key: str = "segment20", verbose: bool = False, overwrite: bool = False, **options) -> list[Path]:
     "Write n_train + n_val synthetic rooms as out/{train,val}/room_XXXX in the Pointcept layout; returns the folders."
     if n_train < 0 or n_val < 0 or n_train + n_val == 0:
         raise MSMError(f"make_samples: need a positive number of rooms, got n_train={n_train}, n_val={n_val}")
+    if n_points < 1:
+        raise MSMError(f"make_samples: n_points = {n_points} must be at least 1")
     from msm.rooms import RoomConfig
 
     out, folders, types = Path(out), [], tuple(options.pop("room_types", RoomConfig.room_types))
+    if out.exists() and not out.is_dir():
+        raise MSMError(f"{out}: exists and is not a folder (the data root to write)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise MSMError(f"{out}: not empty; writing rooms there would overwrite or mix with what it holds (use "
+                           f"another folder, or overwrite=True / --overwrite to replace {out}/train and {out}/val)")
+        import shutil
+        for split in ("train", "val"):
+            if (out / split).is_dir() and not (out / split).is_symlink():
+                shutil.rmtree(out / split)
+            elif os.path.lexists(out / split):
+                (out / split).unlink()
     for i in range(n_train + n_val):
         t0 = time.perf_counter()
         scene = synthetic_room(_room_seed(seed, i), n_points=n_points, room_types=(types[i % len(types)],), **options)

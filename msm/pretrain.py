@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import runs
-from .core import ConfigBase, MSMError, _from_plain, read_checkpoint, save_checkpoint, seed_everything
+from .core import ConfigBase, MSMError, _from_plain, read_checkpoint, run_lock, save_checkpoint, seed_everything
 from .data import SceneDataset, check_scenes
 from .hunet import HUNetConfig
 from .masking import MaskConfig
@@ -321,12 +321,16 @@ def _checkpoint(module: nn.Module, optimizer, config: PretrainConfig, name: str,
     return ckpt
 
 
-def _check_finite(module: nn.Module, step: int, saved: bool) -> None:
+def _check_finite(module: nn.Module, step: int, path: Path) -> None:
     "`MSMError` when a weight is not finite: the last good checkpoint must not be overwritten (run on every rank)."
     bad = [k for k, v in module.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        kept = "the last checkpoint is kept" if saved else "no checkpoint was written"
-        raise MSMError(f"step {step}: non-finite weights in {', '.join(bad[:4])}; {kept}")
+        raise MSMError(f"step {step}: non-finite weights in {', '.join(bad[:4])}; {_kept(path)}")
+
+
+def _kept(path: Path) -> str:
+    "What is left of a run that stops now: the words are true whether or not a checkpoint was written."
+    return f"{path} holds the last checkpoint" if path.is_file() else "no checkpoint was written yet"
 
 
 def _restore(module: nn.Module, optimizer, scaler, ckpt: dict, path: Path) -> None:
@@ -435,14 +439,15 @@ def pretrain(config: PretrainConfig | str, data_root, out_dir, max_steps: int | 
     spec, out = get_method(method), Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MSMError(f"{out}: exists and is not a folder (--out names the run's folder)")
-    rank, world, local_rank, created = init_distributed()
-    try:
-        with StopSignals() as stop:
-            return _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at,
-                             rank, world, local_rank, stop)
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
+    with run_lock(out, "msm pretrain run"):  # one run per folder (rank 0 only, by RANK); released when it ends or dies
+        rank, world, local_rank, created = init_distributed()
+        try:
+            with StopSignals() as stop:
+                return _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at,
+                                 rank, world, local_rank, stop)
+        finally:
+            if created and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _preset_length(config: PretrainConfig) -> bool:
@@ -511,7 +516,7 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
         data, batch_sampler=data.micro_batches(), num_workers=workers, collate_fn=_WithScenes(spec.collate),
         pin_memory=device.type == "cuda", worker_init_fn=runs.worker_init if workers else None))
     model.train()
-    step, t_run, t_log, s_log, points, line, saved = start, time.time(), time.time(), start, 0, {}, ckpt is not None
+    step, t_run, t_log, s_log, points, line = start, time.time(), time.time(), start, 0, {}
     skipped, in_a_row, waited, computed, signal_name = int(ckpt.get("skipped_steps", 0)) if ckpt else 0, 0, 0.0, 0.0, None
     while step < total:
         t0 = time.time()
@@ -526,9 +531,8 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
             warnings.warn(f"step {step}: non-finite loss or gradients (grad norm {info['grad_norm']}), step skipped",
                           stacklevel=3)
         if in_a_row >= config.max_skipped_steps:
-            kept = f"{ckpt_path} holds the last checkpoint" if saved else "no checkpoint was written yet"
             raise MSMError(f"{in_a_row} steps in a row with a non-finite loss or gradients (up to step {step}); "
-                           f"weights untouched since, {kept} (lower lr?)")
+                           f"weights untouched since, {_kept(ckpt_path)} (lower lr?)")
         signal_name = stop.agreed(world, device)
         if step % config.log_every == 0 or step in (total, stop_at) or signal_name:
             keys = sorted(k for k in res if k.startswith("loss"))
@@ -547,7 +551,7 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
         epoch_now, epoch_before = step * config.batch_size // len(scenes), (step - 1) * config.batch_size // len(scenes)
         keep = config.keep_every is not None and epoch_now // config.keep_every > epoch_before // config.keep_every
         if step % config.save_every == 0 or step == total or keep or signal_name:
-            _check_finite(module, step, saved)  # on every rank (identical weights), so no rank waits at a barrier alone
+            _check_finite(module, step, ckpt_path)  # on every rank (identical weights), so no rank waits at a barrier alone
             if world > 1:
                 dist.barrier()
             if rank == 0:
@@ -556,7 +560,6 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
                                                           elapsed + time.time() - t_run, data_id), **extra})
                 if keep:
                     _keep_copy(ckpt_path, epoch_now // config.keep_every * config.keep_every)
-            saved = True
             if world > 1:
                 dist.barrier()
         log.bar.update(1)
