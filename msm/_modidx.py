@@ -52,6 +52,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'msm.baselines.recon_terms': ('baselines.html#recon_terms', 'msm/baselines.py')},
             'msm.cli': { 'msm.cli._cmd_demo': ('cli.html#_cmd_demo', 'msm/cli.py'),
                          'msm.cli._cmd_features': ('cli.html#_cmd_features', 'msm/cli.py'),
+                         'msm.cli._cmd_instance_probe': ('cli.html#_cmd_instance_probe', 'msm/cli.py'),
                          'msm.cli._cmd_make_samples': ('cli.html#_cmd_make_samples', 'msm/cli.py'),
                          'msm.cli._cmd_pretrain': ('cli.html#_cmd_pretrain', 'msm/cli.py'),
                          'msm.cli._cmd_probe': ('cli.html#_cmd_probe', 'msm/cli.py'),

@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "seeded share F in (0, 1] of the training scenes (paper: 0.01, 0.05, 0.1, 0.2) (default: all)")
     r.add_argument("--labelled-points", type=int, default=None, metavar="K", help="limited annotations: keep K >= 1 "
                    "seeded labelled points per training scene (paper: 20, 50, 100, 200) (default: all)")
+    r.add_argument("--task", choices=["semantic", "instance"], default="semantic", help="semantic: per-point classes "
+                   "(mIoU); instance: linear semantic + offset heads, clustering, AP@25 / AP@50 / mAP (paper Table 2; "
+                   "needs instance.npy) (default: semantic)")
+    r.add_argument("--cluster-radius", type=float, default=None, metavar="M", help="--task instance: grid edge in "
+                   "metres of the clustering of shifted points (default 0.03, PointGroup's, for ~150k-point rooms)")
+    r.add_argument("--min-points", type=int, default=None, help="--task instance: smallest predicted instance in "
+                   "points (default 50, PointGroup's)")
 
     f = sub.add_parser("features", help="per-point multi-resolution features of one scene",
                        description="Write the (N, C) per-point features of one scene (all decoder levels, fine to coarse).")
@@ -193,6 +200,8 @@ def _cmd_probe(a):
     from msm.probe_stream import probe_backbone
     from msm.runs import init_distributed
     cfg = probe_config(a)  # bad values end here, before a network is built
+    if a.task == "instance":
+        return _cmd_instance_probe(a, cfg)
     rank = init_distributed()[0]  # under torchrun: join the group first, so each rank takes its own GPU
     seed_everything(a.seed)
     if a.random_init:
@@ -204,6 +213,27 @@ def _cmd_probe(a):
                          train_split=a.train_split, val_split=a.val_split, label_key=a.labels)[a.mode]
     if rank == 0:
         print(json.dumps({k: res[k] for k in ("miou", "macc", "oa", "engine")}))
+
+
+def _cmd_instance_probe(a, cfg):
+    "msm probe --task instance: the linear instance probe (one process, cached features)."
+    from msm.core import seed_everything
+    from msm.instance import InstanceConfig, run_instance_probe
+    if a.mode != "linear":
+        raise MSMError("--task instance is a linear probe: --mode knn does not apply")
+    if a.engine == "stream" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MSMError("--task instance runs in one process on cached features (no --engine stream, no torchrun)")
+    over = {"seed": a.seed, "epochs": a.epochs, "cluster_radius": a.cluster_radius, "min_points": a.min_points}
+    icfg = InstanceConfig(**{k: v for k, v in over.items() if v is not None})
+    seed_everything(a.seed)
+    if a.random_init:
+        from msm.hunet import random_backbone
+        model = random_backbone(a.preset, a.seed)
+    else:
+        model = load_backbone(a.ckpt)
+    res = run_instance_probe(model, a.data, a.out, icfg, cfg, n_classes=a.n_classes, train_split=a.train_split,
+                             val_split=a.val_split, label_key=a.labels)
+    print(json.dumps({k: res[k] for k in ("ap25", "ap50", "map", "miou")}))
 
 
 def _cmd_features(a):
