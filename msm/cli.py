@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the fly on augmented crops (paper Table 15), memory and disk independent of the data size, also "
                    "under torchrun; auto: stream under torchrun or when the cached features would exceed the 4 GB "
                    "cache budget, else cached (default: auto)")
+    r.add_argument("--workers", type=int, default=None, help="--engine stream: DataLoader workers preparing the next "
+                   "augmented crops while the network runs (default: 0, in the main process)")
     r.add_argument("--knn-bank", type=int, default=None, metavar="M", help="kNN memory bank: at most M training "
                    "points per class (default: the probe config's 5000)")
     r.add_argument("--train-fraction", type=float, default=None, metavar="F", help="limited annotations: train on a "
@@ -188,10 +190,10 @@ def _cmd_pretrain(a):
 
 
 def probe_config(a):
-    "The ProbeConfig of an `msm probe` command line (--seed, --epochs, --knn-bank, --train-fraction, --labelled-points)."
+    "The ProbeConfig of an `msm probe` command line (seed, epochs, bank, limited annotations, workers)."
     from msm.probe import ProbeConfig
     over = {"seed": a.seed, "epochs": a.epochs, "knn_max_per_class": a.knn_bank, "train_fraction": a.train_fraction,
-            "labelled_points": a.labelled_points}
+            "labelled_points": a.labelled_points, "num_workers": a.workers}
     return ProbeConfig(**{k: v for k, v in over.items() if v is not None})
 
 

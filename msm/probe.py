@@ -108,6 +108,7 @@ class ProbeConfig(ConfigBase):
     crop_points: int = 120_000  # crop size of on-the-fly scenes (Table 15: 120k ScanNet, 200k S3DIS)
     batch_scenes: int = 8  # streaming probe: scenes per step over all processes (Table 15: 8)
     stats_scenes: int = 64  # streaming probe: ASSUMPTION, whole scenes whose features give the standardisation
+    num_workers: int = 0  # streaming probe: DataLoader workers preparing the next crops (0: in the main process)
     cache_budget_gb: float = 4.0  # cached training features beyond this go to disk as float16 .npy memmaps
     cache_dir: str | None = None  # where those go (None: a temporary folder, removed after the run)
     # nearest-neighbour probe (ASSUMPTION: DINO's k-NN evaluation)
@@ -131,6 +132,8 @@ class ProbeConfig(ConfigBase):
                 raise MSMError(f"ProbeConfig: {name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.warmup_epochs >= 0 and self.knn_temperature > 0 and self.cache_budget_gb >= 0):
             raise MSMError("ProbeConfig: lr and knn_temperature must be > 0, warmup_epochs and cache_budget_gb >= 0")
+        if int(self.num_workers) < 0:
+            raise MSMError(f"ProbeConfig: num_workers must be >= 0, got {self.num_workers}")
         if not (isinstance(self.train_fraction, (int, float)) and 0 < self.train_fraction <= 1):
             raise MSMError(f"ProbeConfig: train_fraction must be in (0, 1], got {self.train_fraction!r}")
         for name in ("labelled_points", "knn_per_scene"):

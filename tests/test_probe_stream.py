@@ -125,3 +125,18 @@ def test_probe_help_names_new_options():
     text = sub.format_help()
     for opt in ("--engine", "--knn-bank", "--train-fraction", "--labelled-points"):
         assert opt in text, opt
+
+
+def test_workers_prepare_the_same_crops(root):
+    "DataLoader workers only prepare crops ahead: the head is the same as with crops made in the main process."
+    from msm.data import list_scenes
+    from msm.probe_stream import fit_streaming_linear
+    net = random_backbone("tiny", 0)
+    paths = list_scenes(root, "train")[:3]
+    heads = []
+    for workers in (0, 1):
+        cfg = ProbeConfig(epochs=1, warmup_epochs=0, batch_scenes=2, crop_points=2000, num_workers=workers,
+                          progress=False)
+        heads.append(fit_streaming_linear(net, paths, 20, 216, cfg))
+    torch.testing.assert_close(heads[1].weight, heads[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(heads[1].bias, heads[0].bias, rtol=0, atol=0)
