@@ -370,6 +370,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'msm.probe.knn_bank': ('probe.html#knn_bank', 'msm/probe.py'),
                            'msm.probe.knn_predict': ('probe.html#knn_predict', 'msm/probe.py'),
                            'msm.probe.limit_labels': ('probe.html#limit_labels', 'msm/probe.py'),
+                           'msm.probe.limited_root': ('probe.html#limited_root', 'msm/probe.py'),
                            'msm.probe.plot_confusion': ('probe.html#plot_confusion', 'msm/probe.py'),
                            'msm.probe.run_probe': ('probe.html#run_probe', 'msm/probe.py'),
                            'msm.probe.run_probes': ('probe.html#run_probes', 'msm/probe.py'),

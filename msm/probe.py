@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ _all_ = ["extract_point_features", "sample_features"]  # re-exported: `msm.probe
 
 # %% auto #0
 __all__ = ['confusion_matrix', 'segmentation_metrics', 'plot_confusion', 'ProbeConfig', 'train_scenes', 'limit_labels',
-           'FeatureStore', 'fit_linear_probe', 'knn_bank', 'knn_predict', 'run_probes', 'run_probe',
+           'limited_root', 'FeatureStore', 'fit_linear_probe', 'knn_bank', 'knn_predict', 'run_probes', 'run_probe',
            'write_point_features', 'extract_point_features', 'sample_features']
 
 # %% ../nbs/10_probe.ipynb #e8cdfc98
@@ -171,6 +171,36 @@ def limit_labels(labels, k: int, seed: int, scene_name: str) -> np.ndarray:
         drop[rng.choice(len(idx), size=int(k), replace=False)] = False
         y[idx[drop]] = -1
     return y
+
+# %% ../nbs/10_probe.ipynb #9346a7f1
+def limited_root(data_root, out, labelled_points: int | None = None, train_fraction: float = 1.0, seed: int = 0,
+                 train_split: str = "train", label_key: str | None = None) -> Path:
+    """A copy of the Pointcept data root `data_root` at `out` (symbolic links) whose `train_split` holds the seeded
+    `train_fraction` of its scenes with `labelled_points` labels each (as the probes draw them); other splits linked."""
+    root, out = Path(data_root), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise MSMError(f"{out}: exists and is not empty (limited_root writes a fresh data root)")
+    splits = [s.strip() for s in train_split.split(",") if s.strip()]
+    keep = {Path(p) for p in train_scenes(list_scenes(root, train_split), train_fraction, seed)}
+    out.mkdir(parents=True, exist_ok=True)
+    for split in sorted(d for d in root.iterdir() if d.is_dir()):
+        if split.name not in splits:
+            (out / split.name).symlink_to(split.resolve(), target_is_directory=True)
+            continue
+        for scene in sorted(p for p in split.iterdir() if p in keep):
+            key = label_key or next((k for k in _LABEL_KEYS if (scene / f"{k}.npy").exists()), None)
+            if not scene.is_dir() or key is None or not (scene / f"{key}.npy").exists():
+                raise MSMError(f"{scene}: limited_root needs Pointcept scene folders with a label file")
+            dest = out / split.name / scene.name
+            dest.mkdir(parents=True)
+            for f in scene.iterdir():
+                if f.name != f"{key}.npy":
+                    (dest / f.name).symlink_to(f.resolve())
+            y = np.load(scene / f"{key}.npy")
+            if labelled_points is not None:
+                y = limit_labels(y, labelled_points, seed, scene.name).astype(y.dtype)
+            np.save(dest / f"{key}.npy", y)
+    return out
 
 # %% ../nbs/10_probe.ipynb #51726115
 class FeatureStore:

@@ -140,3 +140,15 @@ def test_workers_prepare_the_same_crops(root):
         heads.append(fit_streaming_linear(net, paths, 20, 216, cfg))
     torch.testing.assert_close(heads[1].weight, heads[0].weight, rtol=0, atol=0)
     torch.testing.assert_close(heads[1].bias, heads[0].bias, rtol=0, atol=0)
+
+
+def test_limited_root_gives_the_probe_the_same_labels(root, tmp_path):
+    "A probe on limited_root's copy equals the probe with --labelled-points / --train-fraction on the original."
+    from msm.probe import limited_root
+    net = random_backbone("tiny", 0)
+    lim = limited_root(root, tmp_path / "lim", labelled_points=30, train_fraction=0.6, seed=2)
+    a = run_probes(net, root, ("linear",), config=ProbeConfig(epochs=2, labelled_points=30, train_fraction=0.6, seed=2,
+                                                                 progress=False))["linear"]
+    b = run_probes(net, lim, ("linear",), config=ProbeConfig(epochs=2, seed=2, progress=False))["linear"]
+    assert a["n_train_scenes"] == b["n_train_scenes"] == 3 and a["n_train_points"] == b["n_train_points"] == 90
+    assert a["confusion"] == b["confusion"]
