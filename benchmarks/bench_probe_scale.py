@@ -136,7 +136,7 @@ def main() -> None:
         small, full = make_roots(work, args.n, args.points)
         print(f"{4 * args.n + 1} rooms of {args.points} points generated in {time.perf_counter() - t:.0f} s; "
               f"one epoch, tiny, {args.threads} thread(s) per run")
-        rows, out = [], {"n": args.n, "points": args.points}
+        out = {"n": args.n, "points": args.points}
         print(f"{'engine':12} {'scenes':>6} {'peak RSS MB':>12} {'peak tmp MB':>12} {'time s':>7}")
         for engine in engines:
             a, b = measure(engine, small, work, args), measure(engine, full, work, args)

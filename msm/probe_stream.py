@@ -18,11 +18,25 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from msm.probe import (
+    _MODES,
+    ProbeConfig,
+    _class_setup,
+    _labels,
+    _lr_factor,
+    _out_folder,
+    _write_probe,
+    confusion_matrix,
+    knn_predict,
+    limit_labels,
+    run_probes,
+    segmentation_metrics,
+    train_scenes,
+)
+
 from .core import MSMError, model_device
 from .data import list_scenes, load_scene
 from .features import extract_point_features
-from .probe import (ProbeConfig, _MODES, _class_setup, _labels, _lr_factor, _out_folder, _write_probe, confusion_matrix,
-                    knn_predict, limit_labels, run_probes, segmentation_metrics, train_scenes)
 from .runs import init_distributed
 from .transforms import default_pretrain_transform
 
