@@ -229,10 +229,10 @@ def fit_streaming_linear(model, paths, n_classes: int, channels: int, config: Pr
     """Linear(channels, n_classes) trained on features computed on the fly on augmented crops (paper Table 15).
 
     A step takes the next `batch_scenes` scenes of a seeded per-epoch order; under `torchrun` each process takes every
-    world-th of them, crops and augments each with a generator of (seed, epoch, scene) (`CropSteps`, prepared ahead by
-    `num_workers` DataLoader workers), runs the frozen network and
-    accumulates the summed cross-entropy gradient of the head; the gradients and labelled-point counts are summed over
-    processes and divided by the global count (the loss of one big batch). mean / std (C,): inputs are standardised
+    world-th of them, crops and augments each with a generator of (seed, epoch, scene) (`CropSteps`, prepared ahead
+    by `num_workers` DataLoader workers), runs the frozen network and accumulates the summed cross-entropy gradient of
+    the head; the gradients and labelled-point counts are summed over processes and divided by the global count (the
+    loss of one big batch). mean / std (C,): inputs are standardised
     with them and they are folded into the returned layer. `log` (a list) receives {step, loss, points} per step."""
     cfg = config or ProbeConfig()
     feat_kw = feat_kw or {}
