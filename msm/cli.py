@@ -204,17 +204,22 @@ def _cmd_probe(a):
     cfg = probe_config(a)  # bad values end here, before a network is built
     if a.task == "instance":
         return _cmd_instance_probe(a, cfg)
-    rank = init_distributed()[0]  # under torchrun: join the group first, so each rank takes its own GPU
-    seed_everything(a.seed)
-    if a.random_init:
-        from msm.hunet import random_backbone
-        model = random_backbone(a.preset, a.seed)
-    else:
-        model = load_backbone(a.ckpt)
-    res = probe_backbone(model, a.data, (a.mode,), a.out, cfg, engine=a.engine, n_classes=a.n_classes,
-                         train_split=a.train_split, val_split=a.val_split, label_key=a.labels)[a.mode]
-    if rank == 0:
-        print(json.dumps({k: res[k] for k in ("miou", "macc", "oa", "engine")}))
+    rank, _, _, created = init_distributed()  # under torchrun: join the group first, so each rank takes its own GPU
+    try:
+        seed_everything(a.seed)
+        if a.random_init:
+            from msm.hunet import random_backbone
+            model = random_backbone(a.preset, a.seed)
+        else:
+            model = load_backbone(a.ckpt)
+        res = probe_backbone(model, a.data, (a.mode,), a.out, cfg, engine=a.engine, n_classes=a.n_classes,
+                             train_split=a.train_split, val_split=a.val_split, label_key=a.labels)[a.mode]
+        if rank == 0:
+            print(json.dumps({k: res[k] for k in ("miou", "macc", "oa", "engine")}))
+    finally:
+        if created:
+            import torch.distributed as dist
+            dist.destroy_process_group()
 
 
 def _cmd_instance_probe(a, cfg):
