@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .core import MSMError  # noqa: E402
 
 # %% auto #0
-__all__ = ['load_backbone', 'build_parser', 'parse_settings', 'pretrain_config', 'main']
+__all__ = ['load_backbone', 'build_parser', 'parse_settings', 'pretrain_config', 'probe_config', 'main']
 
 # %% ../nbs/13_cli.ipynb #a4393487
 def load_backbone(path: str | os.PathLike, device: str | None = None):
@@ -122,6 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--epochs", type=int, default=None, help="linear probe epochs (default: the probe config's)")
     r.add_argument("--seed", type=int, default=0, help="seed of the probe (and of --random-init) (default: 0)")
+    r.add_argument("--engine", choices=["auto", "cached", "stream"], default="auto",
+                   help="cached: features computed once and cached (fast on small data); stream: features computed on "
+                   "the fly on augmented crops (paper Table 15), memory and disk independent of the data size, also "
+                   "under torchrun; auto: stream under torchrun or when the cached features would exceed the 4 GB "
+                   "cache budget, else cached (default: auto)")
+    r.add_argument("--workers", type=int, default=None, help="--engine stream: DataLoader workers preparing the next "
+                   "augmented crops while the network runs (default: 0, in the main process)")
+    r.add_argument("--knn-bank", type=int, default=None, metavar="M", help="kNN memory bank: at most M training "
+                   "points per class (default: the probe config's 5000)")
+    r.add_argument("--train-fraction", type=float, default=None, metavar="F", help="limited annotations: train on a "
+                   "seeded share F in (0, 1] of the training scenes (paper: 0.01, 0.05, 0.1, 0.2) (default: all)")
+    r.add_argument("--labelled-points", type=int, default=None, metavar="K", help="limited annotations: keep K >= 1 "
+                   "seeded labelled points per training scene (paper: 20, 50, 100, 200) (default: all)")
+    r.add_argument("--task", choices=["semantic", "instance"], default="semantic", help="semantic: per-point classes "
+                   "(mIoU); instance: linear semantic + offset heads, clustering, AP@25 / AP@50 / mAP (paper Table 2; "
+                   "needs instance.npy) (default: semantic)")
+    r.add_argument("--cluster-radius", type=float, default=None, metavar="M", help="--task instance: grid edge in "
+                   "metres of the clustering of shifted points (default 0.03, PointGroup's, for ~150k-point rooms)")
+    r.add_argument("--min-points", type=int, default=None, help="--task instance: smallest predicted instance in "
+                   "points (default 50, PointGroup's)")
 
     f = sub.add_parser("features", help="per-point multi-resolution features of one scene",
                        description="Write the (N, C) per-point features of one scene (all decoder levels, fine to coarse).")
@@ -197,19 +217,58 @@ def _cmd_pretrain(a):
                                 else "no checkpoint was written yet") from None
 
 
+def probe_config(a):
+    "The ProbeConfig of an `msm probe` command line (seed, epochs, bank, limited annotations, workers)."
+    from msm.probe import ProbeConfig
+    over = {"seed": a.seed, "epochs": a.epochs, "knn_max_per_class": a.knn_bank, "train_fraction": a.train_fraction,
+            "labelled_points": a.labelled_points, "num_workers": a.workers}
+    return ProbeConfig(**{k: v for k, v in over.items() if v is not None})
+
+
 def _cmd_probe(a):
     from msm.core import seed_everything
-    from msm.probe import ProbeConfig, run_probe
+    from msm.probe_stream import probe_backbone
+    from msm.runs import init_distributed
+    cfg = probe_config(a)  # bad values end here, before a network is built
+    if a.task == "instance":
+        return _cmd_instance_probe(a, cfg)
+    rank, _, _, created = init_distributed()  # under torchrun: join the group first, so each rank takes its own GPU
+    try:
+        seed_everything(a.seed)
+        if a.random_init:
+            from msm.hunet import random_backbone
+            model = random_backbone(a.preset, a.seed)
+        else:
+            model = load_backbone(a.ckpt)
+        res = probe_backbone(model, a.data, (a.mode,), a.out, cfg, engine=a.engine, n_classes=a.n_classes,
+                             train_split=a.train_split, val_split=a.val_split, label_key=a.labels)[a.mode]
+        if rank == 0:
+            print(json.dumps({k: res[k] for k in ("miou", "macc", "oa", "engine")}))
+    finally:
+        if created:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _cmd_instance_probe(a, cfg):
+    "msm probe --task instance: the linear instance probe (one process, cached features)."
+    from msm.core import seed_everything
+    from msm.instance import InstanceConfig, run_instance_probe
+    if a.mode != "linear":
+        raise MSMError("--task instance is a linear probe: --mode knn does not apply")
+    if a.engine == "stream" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MSMError("--task instance runs in one process on cached features (no --engine stream, no torchrun)")
+    over = {"seed": a.seed, "epochs": a.epochs, "cluster_radius": a.cluster_radius, "min_points": a.min_points}
+    icfg = InstanceConfig(**{k: v for k, v in over.items() if v is not None})
     seed_everything(a.seed)
     if a.random_init:
         from msm.hunet import random_backbone
         model = random_backbone(a.preset, a.seed)
     else:
         model = load_backbone(a.ckpt)
-    cfg = ProbeConfig(seed=a.seed) if a.epochs is None else ProbeConfig(seed=a.seed, epochs=a.epochs)
-    res = run_probe(model, a.data, mode=a.mode, out_dir=a.out, config=cfg, n_classes=a.n_classes,
-                    train_split=a.train_split, val_split=a.val_split, label_key=a.labels)
-    print(json.dumps({k: res[k] for k in ("miou", "macc", "oa")}))
+    res = run_instance_probe(model, a.data, a.out, icfg, cfg, n_classes=a.n_classes, train_split=a.train_split,
+                             val_split=a.val_split, label_key=a.labels)
+    print(json.dumps({k: res[k] for k in ("ap25", "ap50", "map", "miou")}))
 
 
 def _cmd_features(a):

@@ -11,6 +11,7 @@ import math
 import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,9 @@ from .transforms import default_pretrain_transform
 _all_ = ["extract_point_features", "sample_features"]  # re-exported: `msm.probe.sample_features` is a stable name
 
 # %% auto #0
-__all__ = ['confusion_matrix', 'segmentation_metrics', 'plot_confusion', 'ProbeConfig', 'FeatureStore', 'fit_linear_probe',
-           'knn_bank', 'knn_predict', 'run_probes', 'run_probe', 'write_point_features', 'extract_point_features',
-           'sample_features']
+__all__ = ['confusion_matrix', 'segmentation_metrics', 'plot_confusion', 'ProbeConfig', 'train_scenes', 'limit_labels',
+           'limited_root', 'FeatureStore', 'fit_linear_probe', 'knn_bank', 'knn_predict', 'run_probes', 'run_probe',
+           'write_point_features', 'extract_point_features', 'sample_features']
 
 # %% ../nbs/10_probe.ipynb #e8cdfc98
 def confusion_matrix(pred, target, n_classes: int) -> torch.Tensor:
@@ -105,6 +106,9 @@ class ProbeConfig(ConfigBase):
     standardize: bool = True  # ASSUMPTION: standardise channels with training statistics (folded into the layer)
     on_the_fly: bool = False  # recompute training features every epoch on augmented crops instead of caching once
     crop_points: int = 120_000  # crop size of on-the-fly scenes (Table 15: 120k ScanNet, 200k S3DIS)
+    batch_scenes: int = 8  # streaming probe: scenes per step over all processes (Table 15: 8)
+    stats_scenes: int = 64  # streaming probe: ASSUMPTION, whole scenes whose features give the standardisation
+    num_workers: int = 0  # streaming probe: DataLoader workers preparing the next crops (0: in the main process)
     cache_budget_gb: float = 4.0  # cached training features beyond this go to disk as float16 .npy memmaps
     cache_dir: str | None = None  # where those go (None: a temporary folder, removed after the run)
     # nearest-neighbour probe (ASSUMPTION: DINO's k-NN evaluation)
@@ -112,22 +116,91 @@ class ProbeConfig(ConfigBase):
     knn_temperature: float = 0.07  # vote weight exp(cosine similarity / T)
     knn_max_per_class: int = 5000  # memory-bank points kept per class
     knn_block: int = 2**24  # similarity entries computed at once (bounds memory)
+    knn_per_scene: int | None = None  # streaming bank: points one scene offers per class (None: 2 max_per_class / scenes)
+    # limited annotations (paper Tables 4-5)
+    train_fraction: float = 1.0  # seeded share of the training scenes used (paper: 0.01 / 0.05 / 0.1 / 0.2)
+    labelled_points: int | None = None  # K labelled points kept per training scene, seeded (paper: 20 / 50 / 100 / 200)
     # run
     seed: int = 0  # head initialisation, batch draws, bank subsampling, fragments
     progress: bool = True  # tqdm progress bars
 
     def __post_init__(self):
         check_sampling("ProbeConfig", method=self.method, align=self.align, empty=self.empty)
-        for name in ("epochs", "batch_points", "knn_k", "knn_max_per_class", "crop_points", "knn_block"):
+        for name in ("epochs", "batch_points", "knn_k", "knn_max_per_class", "crop_points", "knn_block", "batch_scenes",
+                     "stats_scenes"):
             if int(getattr(self, name)) < 1:
                 raise MSMError(f"ProbeConfig: {name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.warmup_epochs >= 0 and self.knn_temperature > 0 and self.cache_budget_gb >= 0):
             raise MSMError("ProbeConfig: lr and knn_temperature must be > 0, warmup_epochs and cache_budget_gb >= 0")
+        if int(self.num_workers) < 0:
+            raise MSMError(f"ProbeConfig: num_workers must be >= 0, got {self.num_workers}")
+        if not (isinstance(self.train_fraction, (int, float)) and 0 < self.train_fraction <= 1):
+            raise MSMError(f"ProbeConfig: train_fraction must be in (0, 1], got {self.train_fraction!r}")
+        for name in ("labelled_points", "knn_per_scene"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise MSMError(f"ProbeConfig: {name} must be an integer >= 1 (or None), got {v!r}")
 
     @classmethod
     def paper(cls, **kw) -> ProbeConfig:
         "Table 15, ScanNet: 200 epochs, 2 warm-up epochs."
         return cls(**{"epochs": 200, "warmup_epochs": 2.0, **kw})
+
+# %% ../nbs/10_probe.ipynb #983d8feb
+def train_scenes(paths, fraction: float = 1.0, seed: int = 0) -> list:
+    "A seeded share `fraction` in (0, 1] of the training scenes (at least one), kept in their listed order."
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise MSMError(f"train_fraction must be in (0, 1], got {fraction!r}")
+    paths = list(paths)
+    if fraction == 1 or not paths:
+        return paths
+    n = max(1, round(fraction * len(paths)))
+    pick = np.random.default_rng(np.random.SeedSequence([int(seed), 101])).permutation(len(paths))[:n]
+    return [paths[i] for i in sorted(pick.tolist())]
+
+
+def limit_labels(labels, k: int, seed: int, scene_name: str) -> np.ndarray:
+    "Copy of `labels` (N,) with all but `k` random labelled points set to -1; the draw depends on (seed, scene_name) only."
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise MSMError(f"labelled_points must be an integer >= 1, got {k!r}")
+    y = np.array(labels, dtype=np.int64, copy=True)
+    idx = np.flatnonzero(y >= 0)
+    if len(idx) > k:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(str(scene_name).encode()), 103]))
+        drop = np.ones(len(idx), dtype=bool)
+        drop[rng.choice(len(idx), size=int(k), replace=False)] = False
+        y[idx[drop]] = -1
+    return y
+
+# %% ../nbs/10_probe.ipynb #9346a7f1
+def limited_root(data_root, out, labelled_points: int | None = None, train_fraction: float = 1.0, seed: int = 0,
+                 train_split: str = "train", label_key: str | None = None) -> Path:
+    """A copy of the Pointcept data root `data_root` at `out` (symbolic links) whose `train_split` holds the seeded
+    `train_fraction` of its scenes with `labelled_points` labels each (as the probes draw them); other splits linked."""
+    root, out = Path(data_root), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise MSMError(f"{out}: exists and is not empty (limited_root writes a fresh data root)")
+    splits = [s.strip() for s in train_split.split(",") if s.strip()]
+    keep = {Path(p) for p in train_scenes(list_scenes(root, train_split), train_fraction, seed)}
+    out.mkdir(parents=True, exist_ok=True)
+    for split in sorted(d for d in root.iterdir() if d.is_dir()):
+        if split.name not in splits:
+            (out / split.name).symlink_to(split.resolve(), target_is_directory=True)
+            continue
+        for scene in sorted(p for p in split.iterdir() if p in keep):
+            key = label_key or next((k for k in _LABEL_KEYS if (scene / f"{k}.npy").exists()), None)
+            if not scene.is_dir() or key is None or not (scene / f"{key}.npy").exists():
+                raise MSMError(f"{scene}: limited_root needs Pointcept scene folders with a label file")
+            dest = out / split.name / scene.name
+            dest.mkdir(parents=True)
+            for f in scene.iterdir():
+                if f.name != f"{key}.npy":
+                    (dest / f.name).symlink_to(f.resolve())
+            y = np.load(scene / f"{key}.npy")
+            if labelled_points is not None:
+                y = limit_labels(y, labelled_points, seed, scene.name).astype(y.dtype)
+            np.save(dest / f"{key}.npy", y)
+    return out
 
 # %% ../nbs/10_probe.ipynb #51726115
 class FeatureStore:
@@ -316,13 +389,24 @@ def _labels(scene: dict, path) -> torch.Tensor:
     return torch.from_numpy(scene["segment"])
 
 
+def _train_labels(scene: dict, path, cfg: ProbeConfig) -> torch.Tensor:
+    "The labels a probe trains on: the scene's, or K of them (`labelled_points`); the scene keeps them as 'segment'."
+    y = _labels(scene, path)
+    if cfg.labelled_points is not None:
+        scene["segment"] = limit_labels(y.numpy(), cfg.labelled_points, cfg.seed, Path(path).name)
+        y = torch.from_numpy(scene["segment"])
+    return y
+
+
 def _fly_batches(model, paths, steps, cfg: ProbeConfig, n_classes, feat_kw, label_key=None):
     "Endless batches from features recomputed on an augmented crop of every scene, epoch after epoch."
     rng, g = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     transform = default_pretrain_transform(crop_points=cfg.crop_points)
     while True:
         for i in rng.permutation(len(paths)).tolist():
-            scene = transform(load_scene(paths[i], n_classes=n_classes, label_key=label_key), rng)
+            scene = load_scene(paths[i], n_classes=n_classes, label_key=label_key)
+            _train_labels(scene, paths[i], cfg)
+            scene = transform(scene, rng)
             y = _labels(scene, paths[i])
             f = extract_point_features(model, scene, **feat_kw).cpu()[y >= 0]  # (n, C)
             y = y[y >= 0]
@@ -386,6 +470,7 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
     if bad or not modes:
         raise MSMError(f"run_probe: mode must be 'linear' or 'knn', got {bad[0] if bad else 'no mode'!r}")
     train_paths, val_paths = list_scenes(data_root, train_split), list_scenes(data_root, val_split)
+    train_paths = train_scenes(train_paths, cfg.train_fraction, cfg.seed)
     if n_classes is None and class_names is not None:
         n_classes = len(class_names)
     asked = n_classes  # what the loads check labels against; the count found below only sizes the heads
@@ -399,7 +484,7 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
     try:
         for p in tqdm(train_paths, desc="train features", disable=not cfg.progress, leave=False):
             scene = load_scene(p, n_classes=n_classes, label_key=label_key)
-            y = _labels(scene, p)
+            y = _train_labels(scene, p, cfg)
             counts.append(int((y >= 0).sum()))
             max_label = max(max_label, int(y.max()))
             store.add(extract_point_features(model, scene, **feat_kw), y)
