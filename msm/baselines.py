@@ -67,7 +67,7 @@ class BaselineConfig(ConfigBase):
     balance_alpha: float = 0.5  # mtp: token weight n_region^-alpha (0 = plain mean)
     target_norm: str = "layer"  # mtp: normalisation of the teacher tokens ("layer" | "batch" | "none")
     token_head: str = "none"  # mtp: "none" (compare tokens directly) | "linear"
-    feat2d_dim: int = 64  # distill2d: channels D of feat2d.npy
+    feat2d_dim: int = 16  # distill2d: channels D of feat2d.npy (16: the shipped stand-ins; set it for real features)
     distill_loss: str = "cosine"  # distill2d: "cosine" | "l2" | "smooth_l1"
     distill_pool: str = "voxel"  # distill2d: "voxel" | "region"
     distill_on: str = "all"  # distill2d: voxels in the loss: "all" | "visible" | "masked"
@@ -124,6 +124,9 @@ class BaselineSampler:
             raise MSMError(f"BaselineSampler: unknown kind '{self.kind}' (choose from {', '.join(_KINDS)})")
         o = self.options
         extra = ()
+        if self.kind == "mtp" and self.mask.strategy != "random":
+            raise MSMError(f"mtp masks whole regions, not patches: mask.strategy={self.mask.strategy!r} does not apply "
+                           "(use the default 'random')")
         if self.kind == "distill2d":
             scene, extra = self._check_feat2d(scene), ("feat2d",)
         if self.shared_crop is not None:
@@ -142,7 +145,8 @@ class BaselineSampler:
             if self.kind == "mtp":
                 d["mask"] = region_mask(d["region"], ratio, gen) if ratio > 0 else None
             else:
-                d["mask"] = self.mask.draw(F.pad(vox["grid_coord"], (1, 0)), step, total_steps, gen) if ratio > 0 else None
+                d["mask"] = self.mask.draw(F.pad(vox["grid_coord"], (1, 0)), step, total_steps, gen,
+                                           self.mask.voxel_saliency(view, vox)) if ratio > 0 else None
             out.append(d)
             voxs.append(vox)
         item = {"views": out, "n_points": sum(len(v["inverse"]) for v in voxs)}
