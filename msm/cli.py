@@ -19,33 +19,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .core import MSMError  # noqa: E402
 
 # %% auto #0
-__all__ = ['load_backbone', 'build_parser', 'parse_settings', 'pretrain_config', 'main']
+__all__ = ['build_parser', 'parse_settings', 'pretrain_config', 'main']
 
 # %% ../nbs/13_cli.ipynb #a4393487
-def load_backbone(path: str | os.PathLike, device: str | None = None):
-    "A frozen-ready HUNet from an `msm pretrain` checkpoint or the official released weights (file `path`)."
-    from msm.core import default_device, read_checkpoint
-    from msm.hunet import HUNet, HUNetConfig
-    from msm.official import OFFICIAL_PREFIX, load_official, state_dict_of
-    path = Path(path)
-    ckpt = read_checkpoint(path)  # MSMError naming the file when it is missing, unreadable or not a dict
-    if any(str(k).startswith(OFFICIAL_PREFIX) for k in state_dict_of(ckpt)):
-        try:
-            model = load_official(ckpt)
-        except MSMError as e:
-            raise MSMError(f"{path}: {e}") from None
-    elif "config" in ckpt and "model" in ckpt:
-        cfg = ckpt["config"]
-        model_cfg = cfg.get("model", cfg) if isinstance(cfg, dict) else cfg
-        model = HUNet(HUNetConfig.from_dict(model_cfg, source=str(path)))
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        if missing or unexpected:
-            raise MSMError(f"{path}: checkpoint does not match its own config "
-                           f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
-    else:
-        raise MSMError(f"{path}: neither an `msm pretrain` checkpoint (keys 'model' + 'config') "
-                       f"nor official MSM weights (keys 'module.student.*'); found keys {list(ckpt)[:8]}")
-    return model.to(default_device(device)).eval()
+from .official import load_backbone  # re-exported: `msm.cli.load_backbone` keeps working
 
 # %% ../nbs/13_cli.ipynb #c661f26a
 def build_parser() -> argparse.ArgumentParser:

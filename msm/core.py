@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['GLOSSARY', 'SCENE_FIELDS', 'MSMError', 'validate_scene', 'seed_everything', 'default_device', 'to_device',
-           'model_device', 'num_threads', 'save_checkpoint', 'read_checkpoint', 'ConfigBase']
+__all__ = ['GLOSSARY', 'SCENE_FIELDS', 'SCANNET20_CLASSES', 'S3DIS_CLASSES', 'MSMError', 'validate_scene', 'seed_everything',
+           'default_device', 'to_device', 'model_device', 'num_threads', 'save_checkpoint', 'read_checkpoint',
+           'ConfigBase']
 
 # %% ../nbs/00_core.ipynb #fb808f31
 GLOSSARY = {
@@ -288,3 +289,10 @@ class ConfigBase:
                 v.check_types(source, name + ".")
             elif not _fits(hints[f.name], v):
                 raise MSMError(f"{source}: {name} = {v!r} should be {_type_name(hints[f.name])}")
+
+# %% ../nbs/00_core.ipynb #e6da6579
+SCANNET20_CLASSES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+                     "picture", "counter", "desk", "curtain", "refrigerator", "shower curtain", "toilet", "sink",
+                     "bathtub", "otherfurniture")
+S3DIS_CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair", "sofa",
+                 "bookcase", "board", "clutter")

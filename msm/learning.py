@@ -174,7 +174,7 @@ def _pretrain_config(row: BenchRow, seed: int, config: BenchConfig) -> PretrainC
 
 def run_row(key: str, seed: int, data_root, out, config: BenchConfig | None = None, progress: bool = False) -> dict:
     "Pre-train (unless random) and probe one row with one seed; returns (and caches in out/key/seedS/result.json)."
-    from msm.cli import load_backbone
+    from msm.official import load_backbone
     from msm.pretrain import pretrain
     from msm.probe import ProbeConfig, run_probes
     config = config or BenchConfig()

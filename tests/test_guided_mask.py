@@ -115,7 +115,22 @@ def test_samplers_pass_feat2d(rooms):
     assert torch.equal(item["student"][0], random_item["student"][0])  # the same views: only the mask differs
     with pytest.raises(MSMError, match="feat2d.npy"):
         sampler(rooms[0], np.random.default_rng(0))
-    b = BaselineSampler("distill2d", default_pretrain_transform(6000), 0.04, cfg, BaselineConfig())
+    b = BaselineSampler("distill2d", default_pretrain_transform(6000), 0.04, cfg, BaselineConfig(feat2d_dim=16))
     assert b(room, np.random.default_rng(0))[0]["views"][0]["mask"] is not None
     with pytest.raises(MSMError, match="mtp masks whole regions"):
         BaselineSampler("mtp", default_pretrain_transform(6000), 0.04, cfg, BaselineConfig())(room, np.random.default_rng(0))
+
+
+def test_data_samples_ship_standin_feat2d():
+    "The shipped feat2d.npy files are the stand-ins tools/make_feat2d_standins.py writes (train rooms, 8 channels)."
+    from pathlib import Path
+
+    from msm.data import list_scenes, load_scene
+
+    root = Path(__file__).resolve().parents[1] / "data_samples"
+    folders = list_scenes(root, "train")
+    assert folders
+    for folder in folders:
+        scene = load_scene(folder)
+        assert scene["feat2d"].dtype == np.float16
+        np.testing.assert_array_equal(scene["feat2d"], fake_feat2d(scene, 8, 0))
