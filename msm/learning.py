@@ -122,6 +122,8 @@ ROWS = {
     "mtp": BenchRow("masked token prediction", "mtp", note="SAM-guided MTP stage 2, geometric regions"),
     "distill2d": BenchRow("2D feature distillation", "distill2d", {"baseline": {"feat2d_dim": 16}},
                           "stand-in 2D features (`fake_feat2d`, 16 channels as `bench_rooms` writes them)"),
+    "msm_guided2d": BenchRow("MSM, 2D-guided masking (I2P-MAE)", "msm", {"mask.strategy": "guided2d"},
+                             "salient patches of the stand-in 2D features stay visible (nbs/07_masking)"),
 }
 
 
