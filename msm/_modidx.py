@@ -59,6 +59,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                          'msm.cli._cmd_viz': ('cli.html#_cmd_viz', 'msm/cli.py'),
                          'msm.cli._one_line': ('cli.html#_one_line', 'msm/cli.py'),
                          'msm.cli.build_parser': ('cli.html#build_parser', 'msm/cli.py'),
+                         'msm.cli.load_backbone': ('cli.html#load_backbone', 'msm/cli.py'),
                          'msm.cli.main': ('cli.html#main', 'msm/cli.py'),
                          'msm.cli.parse_settings': ('cli.html#parse_settings', 'msm/cli.py'),
                          'msm.cli.pretrain_config': ('cli.html#pretrain_config', 'msm/cli.py')},

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning makes 2-thread torch 5-10x
 # slower whenever another process holds a core. Set before torch is imported (by msm.core); a user's value wins.
@@ -19,10 +18,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .core import MSMError  # noqa: E402
 
 # %% auto #0
-__all__ = ['build_parser', 'parse_settings', 'pretrain_config', 'main']
+__all__ = ['load_backbone', 'build_parser', 'parse_settings', 'pretrain_config', 'main']
 
 # %% ../nbs/13_cli.ipynb #a4393487
-from .official import load_backbone  # re-exported: `msm.cli.load_backbone` keeps working
+def load_backbone(path: str | os.PathLike, device: str | None = None):
+    "A frozen-ready HUNet from an `msm pretrain` checkpoint or the official weights (`msm.official.load_backbone`)."
+    from msm.official import load_backbone as _load_backbone  # lazy: `msm --help` stays fast
+
+    return _load_backbone(path, device)
 
 # %% ../nbs/13_cli.ipynb #c661f26a
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ __all__ = ['EXTRA_FIELDS', 'load_scene', 'save_scene', 'list_scenes', 'check_sce
            'make_samples']
 
 # %% ../nbs/01_data.ipynb #438a97ce
-from .core import S3DIS_CLASSES, SCANNET20_CLASSES  # the label sets (defined in msm.core, below msm.furniture)
+from .core import S3DIS_CLASSES, SCANNET20_CLASSES  # noqa: F401 (label sets live in msm.core; msm.data.SCANNET20_CLASSES stays)
 
 # %% ../nbs/01_data.ipynb #16e882a2
 _LABEL_KEYS = ("segment20", "segment", "semantic_gt20", "segment200", "semantic_gt200", "semantic_gt", "label",
