@@ -198,44 +198,6 @@ def check_predicted_ratios(predict_level_ratios, tol: float = 0.02) -> dict:
     return {"worst error": max(worst.values())}
 
 
-# -- exercise 5: reading one level back at the points -----------------------------------------------------------------
-def tiny_levels(name: str = "room_0008", seed: int = 0):
-    "Decoder levels of a random tiny HUNet on a sample room, and the finest grid coordinate of every point (N, 3)."
-    vox = voxelize_scene(_sample_rooms((name,), "val")[0], 0.04, "first")
-    torch.manual_seed(seed)
-    net = HUNet(HUNetConfig.tiny()).eval()
-    net.config.shuffle_curves = False
-    x = SparseTensor(vox["feat"], torch.cat([torch.zeros_like(vox["grid_coord"][:, :1]), vox["grid_coord"]], 1))
-    with torch.no_grad():
-        levels = net(x)
-    return levels, vox["grid_coord"][vox["inverse"]].long()
-
-
-def check_sample_level(sample_level) -> dict:
-    """Exercise 5: `sample_level(feats, coords, stride, points)` equals `msm.probe.sample_features(levels, points,
-    level_ids=[l])` (trilinear, voxel centres, empty corners count as zero) on every level of a tiny HUNet."""
-    # the hand-made case of 09a_features: stride 2, voxels (0, 0, 0) and (1, 0, 0), one point in finest voxel (1, 0, 0)
-    c = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32)
-    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    got = _call(sample_level, f, c, 2, torch.tensor([[1, 0, 0]]))
-    want = torch.tensor([[0.75**3, 0.25 * 0.75**2]])
-    if tuple(got.shape) != (1, 2) or not torch.allclose(got.float(), want, atol=1e-6):
-        raise AssertionError(f"hand-made case (09a_features): got {got.tolist()}, expected {want.tolist()}: the point sits at "
-                             "u = (c + 0.5) / stride - 0.5 = (0.25, -0.25, -0.25) level voxels; only the corners with "
-                             "y = z = 0 exist")
-    levels, pts = tiny_levels()
-    for lv, level in enumerate(levels):
-        got = _call(sample_level, level.feats, level.coords, level.stride, pts)
-        want = sample_features(levels, pts, level_ids=[lv])
-        if tuple(got.shape) != tuple(want.shape):
-            raise AssertionError(f"level {lv}: shape {tuple(got.shape)}, expected {tuple(want.shape)} (points, channels)")
-        err = float((got.float() - want).abs().max())
-        if err > 1e-4:
-            raise AssertionError(f"level {lv} (stride {level.stride}): differs from sample_features by up to {err:.3g}"
-                                 + (" (at level 0 every point must get exactly its own voxel's feature)" if lv == 0 else ""))
-    return {"levels": len(levels), "points": len(pts)}
-
-
 # -- exercise 3: the masked feature loss of one level -----------------------------------------------------------------
 def l2_per_voxel(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "Mean squared error over channels, per voxel (V,) (msm's `feature_loss(kind='l2')`)."
@@ -370,3 +332,41 @@ def check_ema_update(ema_update) -> dict:
         dist = sum(float((t - s).detach().pow(2).sum()) for t, s in pairs)
         res[m] = round(dist ** 0.5, 4)
     return {"teacher-student distance after one step, by momentum": res}
+
+
+# -- exercise 5: reading one level back at the points -----------------------------------------------------------------
+def tiny_levels(name: str = "room_0008", seed: int = 0):
+    "Decoder levels of a random tiny HUNet on a sample room, and the finest grid coordinate of every point (N, 3)."
+    vox = voxelize_scene(_sample_rooms((name,), "val")[0], 0.04, "first")
+    torch.manual_seed(seed)
+    net = HUNet(HUNetConfig.tiny()).eval()
+    net.config.shuffle_curves = False
+    x = SparseTensor(vox["feat"], torch.cat([torch.zeros_like(vox["grid_coord"][:, :1]), vox["grid_coord"]], 1))
+    with torch.no_grad():
+        levels = net(x)
+    return levels, vox["grid_coord"][vox["inverse"]].long()
+
+
+def check_sample_level(sample_level) -> dict:
+    """Exercise 5: `sample_level(feats, coords, stride, points)` equals `msm.probe.sample_features(levels, points,
+    level_ids=[l])` (trilinear, voxel centres, empty corners count as zero) on every level of a tiny HUNet."""
+    # the hand-made case of 09a_features: stride 2, voxels (0, 0, 0) and (1, 0, 0), one point in finest voxel (1, 0, 0)
+    c = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    got = _call(sample_level, f, c, 2, torch.tensor([[1, 0, 0]]))
+    want = torch.tensor([[0.75**3, 0.25 * 0.75**2]])
+    if tuple(got.shape) != (1, 2) or not torch.allclose(got.float(), want, atol=1e-6):
+        raise AssertionError(f"hand-made case (09a_features): got {got.tolist()}, expected {want.tolist()}: the point sits at "
+                             "u = (c + 0.5) / stride - 0.5 = (0.25, -0.25, -0.25) level voxels; only the corners with "
+                             "y = z = 0 exist")
+    levels, pts = tiny_levels()
+    for lv, level in enumerate(levels):
+        got = _call(sample_level, level.feats, level.coords, level.stride, pts)
+        want = sample_features(levels, pts, level_ids=[lv])
+        if tuple(got.shape) != tuple(want.shape):
+            raise AssertionError(f"level {lv}: shape {tuple(got.shape)}, expected {tuple(want.shape)} (points, channels)")
+        err = float((got.float() - want).abs().max())
+        if err > 1e-4:
+            raise AssertionError(f"level {lv} (stride {level.stride}): differs from sample_features by up to {err:.3g}"
+                                 + (" (at level 0 every point must get exactly its own voxel's feature)" if lv == 0 else ""))
+    return {"levels": len(levels), "points": len(pts)}

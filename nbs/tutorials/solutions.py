@@ -59,23 +59,6 @@ def predict_level_ratios(coords: torch.Tensor, patch_size: int, ratio: float, n_
     return out
 
 
-# Exercise 5 (05_probe_levels.ipynb)
-def sample_level(feats: torch.Tensor, coords: torch.Tensor, stride: int, points: torch.Tensor) -> torch.Tensor:
-    "Trilinear features (N, C) of one level (feats (M, C), coords (M, 4) of scene 0) at finest voxels points (N, 3)."
-    u = (points.double() + 0.5) / stride - 0.5  # (N, 3) position in level voxels, voxel centres at integers
-    base = u.floor()
-    frac = u - base  # (N, 3) in [0, 1)
-    out = feats.new_zeros(len(points), feats.shape[1])
-    for corner in itertools.product((0, 1), repeat=3):
-        off = torch.tensor(corner, dtype=torch.float64)
-        q = torch.cat([torch.zeros(len(points), 1, dtype=torch.long), (base + off).long()], 1)  # (N, 4)
-        rows = lookup(q.int(), coords)  # (N,) -1 where the corner voxel is empty
-        w = torch.where(off.bool(), frac, 1 - frac).prod(1)  # (N,) trilinear weight of this corner
-        w = torch.where(rows >= 0, w, 0.0).to(feats.dtype)  # empty corners count as zero
-        out += w[:, None] * feats[rows.clamp_min(0)]
-    return out
-
-
 # Exercise 3 (03_loss.ipynb)
 def masked_level_loss(pred, masked, teacher, pairs_student, pairs_teacher, weights, n_items: int,
                       per_voxel=_l2_per_voxel) -> torch.Tensor:
@@ -115,3 +98,20 @@ def ema_update(teacher, student, momentum: float) -> None:
         t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
     for bt, bs in zip(teacher.buffers(), student.buffers()):
         bt.copy_(bs)
+
+
+# Exercise 5 (05_probe_levels.ipynb)
+def sample_level(feats: torch.Tensor, coords: torch.Tensor, stride: int, points: torch.Tensor) -> torch.Tensor:
+    "Trilinear features (N, C) of one level (feats (M, C), coords (M, 4) of scene 0) at finest voxels points (N, 3)."
+    u = (points.double() + 0.5) / stride - 0.5  # (N, 3) position in level voxels, voxel centres at integers
+    base = u.floor()
+    frac = u - base  # (N, 3) in [0, 1)
+    out = feats.new_zeros(len(points), feats.shape[1])
+    for corner in itertools.product((0, 1), repeat=3):
+        off = torch.tensor(corner, dtype=torch.float64)
+        q = torch.cat([torch.zeros(len(points), 1, dtype=torch.long), (base + off).long()], 1)  # (N, 4)
+        rows = lookup(q.int(), coords)  # (N,) -1 where the corner voxel is empty
+        w = torch.where(off.bool(), frac, 1 - frac).prod(1)  # (N,) trilinear weight of this corner
+        w = torch.where(rows >= 0, w, 0.0).to(feats.dtype)  # empty corners count as zero
+        out += w[:, None] * feats[rows.clamp_min(0)]
+    return out
