@@ -36,9 +36,9 @@ from .transforms import SphereCrop, Transform, default_pretrain_transform, two_v
 from .voxelize import voxelize_scene
 
 # %% auto #0
-__all__ = ['MODELS', 'DESCRIPTIONS', 'METHODS', 'BaselineConfig', 'fake_feat2d', 'BaselineSampler', 'collate_baselines',
-           'recon_terms', 'InputReconstruction', 'MaskedContrast', 'MaskedTokenPrediction', 'Distill2D',
-           'baseline_options']
+__all__ = ['MODELS', 'DESCRIPTIONS', 'METHODS', 'BaselineConfig', 'fake_feat2d', 'write_fake_feat2d', 'BaselineSampler',
+           'collate_baselines', 'recon_terms', 'InputReconstruction', 'MaskedContrast', 'MaskedTokenPrediction',
+           'Distill2D', 'baseline_options']
 
 # %% ../nbs/12_baselines.ipynb #de93b34a
 _CHOICES = {"normal_loss": ("cosine", "l2"), "negatives": ("batch", "scene"), "regions": ("auto", "geometric", "scene"),
@@ -67,7 +67,7 @@ class BaselineConfig(ConfigBase):
     balance_alpha: float = 0.5  # mtp: token weight n_region^-alpha (0 = plain mean)
     target_norm: str = "layer"  # mtp: normalisation of the teacher tokens ("layer" | "batch" | "none")
     token_head: str = "none"  # mtp: "none" (compare tokens directly) | "linear"
-    feat2d_dim: int = 64  # distill2d: channels D of feat2d.npy
+    feat2d_dim: int = 8  # distill2d: channels D of feat2d.npy (8: data_samples' stand-ins; set it for real features)
     distill_loss: str = "cosine"  # distill2d: "cosine" | "l2" | "smooth_l1"
     distill_pool: str = "voxel"  # distill2d: "voxel" | "region"
     distill_on: str = "all"  # distill2d: voxels in the loss: "all" | "visible" | "masked"
@@ -91,6 +91,23 @@ def fake_feat2d(scene: dict, dim: int = 16, seed: int = 0) -> np.ndarray:
     w = rng.normal(size=(6, 2 * dim))
     h = x @ w * 3.0  # (N, 2 dim)
     return (np.sin(h[:, :dim]) + np.cos(h[:, dim:])).astype(np.float16)
+
+# %% ../nbs/12_baselines.ipynb #a829dcf2
+def write_fake_feat2d(root, splits: str | list[str] = "train", dim: int = 8, seed: int = 0,
+                      overwrite: bool = False) -> list:
+    "Write stand-in `feat2d.npy` (`fake_feat2d`, float16 (N, dim)) into every scene folder of `root/<split>`; returns them."
+    from msm.data import list_scenes, load_scene
+
+    written = []
+    for folder in list_scenes(root, splits):
+        target = folder / "feat2d.npy"
+        if not folder.is_dir():
+            raise MSMError(f"{folder}: stand-in 2D features go into Pointcept scene folders, not single files")
+        if target.exists() and not overwrite:
+            raise MSMError(f"{target}: exists (pass overwrite=True to replace it)")
+        np.save(target, fake_feat2d(load_scene(folder), dim, seed))
+        written.append(target)
+    return written
 
 # %% ../nbs/12_baselines.ipynb #a9b2a00e
 _NEEDS_REGIONS = {"mtp": True, "distill2d": None}  # None: only with distill_pool="region"
@@ -124,6 +141,9 @@ class BaselineSampler:
             raise MSMError(f"BaselineSampler: unknown kind '{self.kind}' (choose from {', '.join(_KINDS)})")
         o = self.options
         extra = ()
+        if self.kind == "mtp" and self.mask.strategy != "random":
+            raise MSMError(f"mtp masks whole regions, not patches: mask.strategy={self.mask.strategy!r} does not apply "
+                           "(use the default 'random')")
         if self.kind == "distill2d":
             scene, extra = self._check_feat2d(scene), ("feat2d",)
         if self.shared_crop is not None:
@@ -142,7 +162,8 @@ class BaselineSampler:
             if self.kind == "mtp":
                 d["mask"] = region_mask(d["region"], ratio, gen) if ratio > 0 else None
             else:
-                d["mask"] = self.mask.draw(F.pad(vox["grid_coord"], (1, 0)), step, total_steps, gen) if ratio > 0 else None
+                d["mask"] = self.mask.draw(F.pad(vox["grid_coord"], (1, 0)), step, total_steps, gen,
+                                           self.mask.voxel_saliency(view, vox)) if ratio > 0 else None
             out.append(d)
             voxs.append(vox)
         item = {"views": out, "n_points": sum(len(v["inverse"]) for v in voxs)}

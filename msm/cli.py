@@ -23,44 +23,10 @@ __all__ = ['load_backbone', 'build_parser', 'parse_settings', 'pretrain_config',
 
 # %% ../nbs/13_cli.ipynb #a4393487
 def load_backbone(path: str | os.PathLike, device: str | None = None):
-    "A frozen-ready HUNet from an `msm pretrain` checkpoint or the official released weights (file `path`)."
-    import torch
+    "A frozen-ready HUNet from an `msm pretrain` checkpoint or the official weights (`msm.official.load_backbone`)."
+    from msm.official import load_backbone as _load_backbone  # lazy: `msm --help` stays fast
 
-    from msm.core import check_finite_weights, default_device, read_checkpoint
-    from msm.hunet import HUNet, HUNetConfig
-    from msm.official import OFFICIAL_PREFIX, load_official, state_dict_of
-    path = Path(path)
-    ckpt = read_checkpoint(path)  # MSMError naming the file when it is missing, unreadable or not a dict
-    if any(str(k).startswith(OFFICIAL_PREFIX) for k in state_dict_of(ckpt)):
-        try:
-            model = load_official(ckpt)
-        except MSMError as e:
-            raise MSMError(f"{path}: {e}") from None
-        except (RuntimeError, ValueError) as e:  # a tensor cut short cannot even be re-laid out
-            raise MSMError(f"{path}: weights do not fit the paper HUNet ({' '.join(str(e).split())[:200]})") from None
-    elif "config" in ckpt and "model" in ckpt:
-        cfg = ckpt["config"]
-        model_cfg = cfg.get("model", cfg) if isinstance(cfg, dict) else cfg
-        if not isinstance(model_cfg, dict) or not isinstance(ckpt["model"], dict):
-            raise MSMError(f"{path}: its 'config' and 'model' entries should be dicts (a damaged checkpoint?)")
-        model = HUNet(HUNetConfig.from_dict(model_cfg, source=str(path)))
-        own = model.state_dict()
-        whose = f"the checkpoint's own config ('{cfg['name']}')" if isinstance(cfg, dict) and "name" in cfg else \
-            "the checkpoint's own config"
-        for k, v in ckpt["model"].items():  # another preset's weights, or one tensor cut short
-            if k in own and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape)):
-                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise MSMError(f"{path}: tensor '{k}' has shape {got}, but {whose} needs {tuple(own[k].shape)} "
-                               "(weights of another preset, or a damaged file)")
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        if missing or unexpected:
-            raise MSMError(f"{path}: checkpoint does not match its own config "
-                           f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
-    else:
-        raise MSMError(f"{path}: neither an `msm pretrain` checkpoint (keys 'model' + 'config') "
-                       f"nor official MSM weights (keys 'module.student.*'); found keys {list(ckpt)[:8]}")
-    check_finite_weights(model.state_dict(), str(path))  # NaN weights give NaN features and a meaningless probe
-    return model.to(default_device(device)).eval()
+    return _load_backbone(path, device)
 
 # %% ../nbs/13_cli.ipynb #c661f26a
 def build_parser() -> argparse.ArgumentParser:

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['GLOSSARY', 'SCENE_FIELDS', 'LOCK_NAME', 'MSMError', 'validate_scene', 'seed_everything', 'default_device',
-           'to_device', 'model_device', 'num_threads', 'CheckpointWriteError', 'CheckpointInterrupted',
-           'remove_stale_temps', 'save_checkpoint', 'read_checkpoint', 'check_finite_weights', 'run_lock', 'ConfigBase']
+__all__ = ['GLOSSARY', 'SCENE_FIELDS', 'LOCK_NAME', 'SCANNET20_CLASSES', 'S3DIS_CLASSES', 'MSMError', 'validate_scene',
+           'seed_everything', 'default_device', 'to_device', 'model_device', 'num_threads', 'CheckpointWriteError',
+           'CheckpointInterrupted', 'remove_stale_temps', 'save_checkpoint', 'read_checkpoint', 'check_finite_weights',
+           'run_lock', 'ConfigBase']
 
 # %% ../nbs/00_core.ipynb #fb808f31
 GLOSSARY = {
@@ -526,3 +527,10 @@ class ConfigBase:
                 if bad:  # JSON reads 1e400 as inf and NaN as nan: a run on them would only produce NaN
                     raise MSMError(f"{source}: {bad[0]} = {bad[1]!r} is not a finite number (in float32, as the "
                                    "run computes)")
+
+# %% ../nbs/00_core.ipynb #e6da6579
+SCANNET20_CLASSES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+                     "picture", "counter", "desk", "curtain", "refrigerator", "shower curtain", "toilet", "sink",
+                     "bathtub", "otherfurniture")
+S3DIS_CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair", "sofa",
+                 "bookcase", "board", "clutter")

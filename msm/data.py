@@ -17,15 +17,11 @@ import torch
 from .core import MSMError, validate_scene
 
 # %% auto #0
-__all__ = ['SCANNET20_CLASSES', 'S3DIS_CLASSES', 'EXTRA_FIELDS', 'load_scene', 'save_scene', 'list_scenes', 'check_scenes',
-           'SceneDataset', 'synthetic_room', 'make_samples']
+__all__ = ['EXTRA_FIELDS', 'load_scene', 'save_scene', 'list_scenes', 'check_scenes', 'SceneDataset', 'synthetic_room',
+           'make_samples']
 
 # %% ../nbs/01_data.ipynb #438a97ce
-SCANNET20_CLASSES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
-                     "picture", "counter", "desk", "curtain", "refrigerator", "shower curtain", "toilet", "sink",
-                     "bathtub", "otherfurniture")
-S3DIS_CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair", "sofa",
-                 "bookcase", "board", "clutter")
+from .core import S3DIS_CLASSES, SCANNET20_CLASSES  # noqa: F401 (label sets live in msm.core; msm.data.SCANNET20_CLASSES stays)
 
 # %% ../nbs/01_data.ipynb #16e882a2
 _LABEL_KEYS = ("segment20", "segment", "semantic_gt20", "segment200", "semantic_gt200", "semantic_gt", "label",

@@ -131,7 +131,7 @@ def run_demo(out="demo_out", seed: int = 0, max_steps: int | None = None, data_r
         shutil.rmtree(run_dir)
     summary = pretrain(pcfg, data_root, run_dir, max_steps=cfg.max_steps, progress=progress)
     t_pre = time.time() - t0
-    from msm.cli import load_backbone
+    from msm.official import load_backbone
     trained = load_backbone(run_dir / "checkpoint.pt", device="cpu")
     random_twin = random_backbone(pcfg.model, cfg.seed, device="cpu")
     t1 = time.time()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import SCANNET20_CLASSES
+from .core import SCANNET20_CLASSES
 
 # %% auto #0
 __all__ = ['PALETTE', 'SCANNET20_ID', 'FURNITURE', 'uniform', 'Surfaces']

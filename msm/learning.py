@@ -122,6 +122,8 @@ ROWS = {
     "mtp": BenchRow("masked token prediction", "mtp", note="SAM-guided MTP stage 2, geometric regions"),
     "distill2d": BenchRow("2D feature distillation", "distill2d", {"baseline": {"feat2d_dim": 16}},
                           "stand-in 2D features (`fake_feat2d`, 16 channels as `bench_rooms` writes them)"),
+    "msm_guided2d": BenchRow("MSM, 2D-guided masking (I2P-MAE)", "msm", {"mask.strategy": "guided2d"},
+                             "salient patches of the stand-in 2D features stay visible (nbs/07_masking)"),
 }
 
 
@@ -174,7 +176,7 @@ def _pretrain_config(row: BenchRow, seed: int, config: BenchConfig) -> PretrainC
 
 def run_row(key: str, seed: int, data_root, out, config: BenchConfig | None = None, progress: bool = False) -> dict:
     "Pre-train (unless random) and probe one row with one seed; returns (and caches in out/key/seedS/result.json)."
-    from msm.cli import load_backbone
+    from msm.official import load_backbone
     from msm.pretrain import pretrain
     from msm.probe import ProbeConfig, run_probes
     config = config or BenchConfig()

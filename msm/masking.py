@@ -14,7 +14,8 @@ import torch
 from .core import ConfigBase, MSMError
 
 # %% auto #0
-__all__ = ['patch_mask', 'random_voxel_mask', 'level_masks', 'level_mask_ratios', 'MaskConfig']
+__all__ = ['patch_mask', 'random_voxel_mask', 'level_masks', 'level_mask_ratios', 'feature_saliency', 'guided_patch_mask',
+           'MaskConfig']
 
 # %% ../nbs/07_masking.ipynb #3abaede4
 def _check_coords(coords) -> torch.Tensor:
@@ -134,9 +135,78 @@ def level_mask_ratios(coords, mask, n_levels: int) -> list[float]:
     "Share of masked voxels at each level, finest first (a quick check of what every decoder level reconstructs)."
     return [float(m.float().mean()) if len(m) else 0.0 for _, m in level_masks(coords, mask, n_levels)]
 
+# %% ../nbs/07_masking.ipynb #cf4f8d86
+def feature_saliency(feat2d, inverse: torch.Tensor | None = None, n_voxels: int | None = None) -> torch.Tensor:
+    """Saliency of every voxel (M,) of ONE scene from its points' 2D features `feat2d` (N, D): the distance of the
+    voxel's mean feature from the scene's mean feature, each channel in units of its spread over the scene.
+    Without `inverse` (N,) (the voxel of each point) the saliency of every point (N,)."""
+    f = torch.as_tensor(feat2d)
+    if f.ndim != 2 or f.shape[1] < 1 or f.is_complex() or f.dtype == torch.bool:
+        raise MSMError(f"feature_saliency: feat2d must be real (N, D) per-point features, got {f.dtype} {tuple(f.shape)}")
+    f = f.double()  # float16 stand-ins and float32 features alike: statistics in float64
+    if not bool(torch.isfinite(f).all()):
+        raise MSMError("feature_saliency: feat2d holds NaN or infinite values")
+    if inverse is not None:
+        inverse = torch.as_tensor(inverse, device=f.device).long()
+        if inverse.shape != (len(f),):
+            raise MSMError(f"feature_saliency: inverse must be ({len(f)},), got {tuple(inverse.shape)}")
+        m = int(n_voxels) if n_voxels is not None else (int(inverse.max()) + 1 if len(inverse) else 0)
+        cnt = torch.bincount(inverse, minlength=m).clamp_min(1).unsqueeze(1).double()  # (M, 1)
+        f = f.new_zeros(m, f.shape[1]).index_add_(0, inverse, f) / cnt  # (M, D) voxel means
+    if len(f) == 0:
+        return torch.zeros(0, dtype=torch.float32, device=f.device)
+    z = (f - f.mean(0)) / (f.std(0, unbiased=False) + 1e-6)  # (M, D) standardised over the scene
+    return z.pow(2).mean(1).sqrt().float()  # (M,) root-mean-square distance from the scene's mean feature
+
+
+def guided_patch_mask(coords, saliency, patch_size: int, ratio: float, temperature: float = 0.5,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mask (M,) bool over finest voxels `coords` (M, 4) that hides, in each scene, round(ratio * n_patches) patches
+    (as `patch_mask`, at most n_patches - 1) chosen among the LEAST salient: a patch's score is the mean `saliency`
+    (M,) of its voxels, standardised per scene; visible patches are drawn without replacement with probability
+    proportional to exp(score / temperature) (Gumbel top-k); temperature 0 keeps exactly the most salient visible.
+    `patch_size` 1 guides single voxels."""
+    coords = _check_coords(coords)
+    patch_size, ratio = _check_power_of_two(patch_size, "patch_size"), _check_ratio(ratio)
+    temperature = float(temperature)
+    if not 0.0 <= temperature < math.inf:
+        raise MSMError(f"masking: temperature must be finite and >= 0, got {temperature:g}")
+    saliency = torch.as_tensor(saliency, device=coords.device)
+    if saliency.shape != (len(coords),) or not saliency.is_floating_point():
+        raise MSMError(f"masking: saliency must be float of shape ({len(coords)},) (one value per voxel), got "
+                       f"{saliency.dtype} {tuple(saliency.shape)}")
+    if not bool(torch.isfinite(saliency).all()):
+        raise MSMError("masking: saliency holds NaN or infinite values")
+    if len(coords) == 0 or ratio == 0.0:
+        return torch.zeros(len(coords), dtype=torch.bool, device=coords.device)
+    patches, inverse = _unique_rows(_coarsen(coords, patch_size))  # (P, 4) sorted by scene, (M,)
+    n_p = len(patches)
+    cnt = torch.bincount(inverse, minlength=n_p).double()  # (P,)
+    score = saliency.double().new_zeros(n_p).index_add_(0, inverse, saliency.double()) / cnt  # (P,) mean saliency
+    _, group, counts = torch.unique_consecutive(patches[:, 0], return_inverse=True, return_counts=True)
+    n_b = counts.double()
+    mean = score.new_zeros(len(counts)).index_add_(0, group, score) / n_b  # (B,)
+    std = (score.new_zeros(len(counts)).index_add_(0, group, (score - mean[group]) ** 2) / n_b).sqrt()  # (B,)
+    z = (score - mean[group]) / (std[group] + 1e-12)  # (P,) standardised inside each scene
+    u = _uniform(n_p, generator, coords.device).clamp(1e-300, 1 - 1e-16)  # (P,)
+    if temperature > 0:
+        key = z / temperature - torch.log(-torch.log(u))  # Gumbel top-k = sampling without replacement
+    else:
+        key = z
+    # hide the lowest keys of each scene: order by (scene, key, random tie-break); two stable sorts
+    order = torch.argsort(u, stable=True)
+    order = order[torch.argsort(key[order], stable=True)]
+    order = order[torch.argsort(group[order], stable=True)]
+    k = torch.minimum(torch.floor(ratio * n_b + 0.5).long(), counts - 1)  # (B,) patches to hide
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n_p, device=coords.device) - starts[group[order]]  # (P,) rank of the key in its scene
+    return (rank < k[group])[inverse]  # (M,)
+
 # %% ../nbs/07_masking.ipynb #52c3f4b9
 _KINDS = ("patch", "random_voxel")
 _SCHEDULES = ("constant", "linear", "cosine")
+_STRATEGIES = ("random", "guided2d")
 
 
 @dataclass
@@ -147,12 +217,18 @@ class MaskConfig(ConfigBase):
     ratio: float = 0.4  # share of the patches (or voxels) of each scene hidden; the end value of a schedule (Table 14)
     schedule: str = "constant"  # "constant", "linear" or "cosine" from ratio_start to ratio over the run
     ratio_start: float = 0.1  # first ratio of a linear / cosine schedule (unused when constant)
+    strategy: str = "random"  # "random" or "guided2d" (I2P-MAE: salient patches of the scene's feat2d stay visible)
+    saliency_temperature: float = 0.5  # guided2d: T of the visible-patch draw (0 = exactly the most salient)
 
     def __post_init__(self):
         if self.kind not in _KINDS:
             raise MSMError(f"MaskConfig: kind must be one of {', '.join(_KINDS)}, got {self.kind!r}")
         if self.schedule not in _SCHEDULES:
             raise MSMError(f"MaskConfig: schedule must be one of {', '.join(_SCHEDULES)}, got {self.schedule!r}")
+        if self.strategy not in _STRATEGIES:
+            raise MSMError(f"MaskConfig: strategy must be one of {', '.join(_STRATEGIES)}, got {self.strategy!r}")
+        if not 0.0 <= float(self.saliency_temperature) < math.inf:
+            raise MSMError(f"MaskConfig: saliency_temperature must be finite and >= 0, got {self.saliency_temperature!r}")
         _check_power_of_two(self.patch_size, "patch_size")
         _check_ratio(self.ratio), _check_ratio(self.ratio_start)
 
@@ -169,10 +245,25 @@ class MaskConfig(ConfigBase):
         w = t if self.schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * t))
         return float(self.ratio_start + (self.ratio - self.ratio_start) * w)
 
-    def draw(self, coords, step: int = 0, total_steps: int = 1,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        "The mask (M,) bool of a batch `coords` (M, 4) at `step`: patches or single voxels, as configured."
+    def voxel_saliency(self, view: dict, vox: dict) -> torch.Tensor | None:
+        "Per-voxel saliency (M,) of a voxelised view from its points' `feat2d` for guided2d masks; None for random."
+        if self.strategy != "guided2d":
+            return None
+        if view.get("feat2d") is None:
+            raise MSMError("mask.strategy='guided2d' needs per-point 2D features: put feat2d.npy, shape (N, D), next to "
+                           "each scene's coord.npy (data_samples ships stand-ins; see nbs/07_masking.ipynb)")
+        return feature_saliency(view["feat2d"], vox["inverse"], len(vox["grid_coord"]))
+
+    def draw(self, coords, step: int = 0, total_steps: int = 1, generator: torch.Generator | None = None,
+             saliency: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask (M,) bool of a batch `coords` (M, 4) at `step`: patches or single voxels, as configured; guided2d
+        needs `saliency` (M,) per voxel (`voxel_saliency`)."""
         ratio = self.ratio_at(step, total_steps)
+        if self.strategy == "guided2d":
+            if saliency is None:
+                raise MSMError("MaskConfig.draw: strategy 'guided2d' needs the per-voxel saliency (MaskConfig.voxel_saliency)")
+            size = self.patch_size if self.kind == "patch" else 1
+            return guided_patch_mask(coords, saliency, size, ratio, self.saliency_temperature, generator)
         if self.kind == "patch":
             return patch_mask(coords, self.patch_size, ratio, generator)
         return random_voxel_mask(coords, ratio, generator)

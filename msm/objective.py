@@ -140,6 +140,8 @@ class PairSampler:
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         vox_a = voxelize_scene(view_a, self.voxel_size, "train", gen)
         vox_b = voxelize_scene(view_b, self.voxel_size, "train", gen)
+        vox_a["saliency"] = self.mask.voxel_saliency(view_a, vox_a)  # None unless mask.strategy="guided2d"
+        vox_b["saliency"] = self.mask.voxel_saliency(view_b, vox_b)
         items = [self._item(vox_a, vox_b, step, total_steps, gen)]
         if self.symmetric:
             items.append(self._item(vox_b, vox_a, step, total_steps, gen))
@@ -150,7 +152,7 @@ class PairSampler:
                             t["point_origin_index"].numpy(), t["grid_coord"][t["inverse"]].numpy(), self.n_levels)
         coords = torch.cat([torch.zeros_like(s["grid_coord"][:, :1]), s["grid_coord"]], 1)  # (M, 4), one scene
         masking = self.mask.ratio_at(step, total_steps) > 0
-        mask = self.mask.draw(coords, step, total_steps, gen) if masking else None  # (M,) bool
+        mask = self.mask.draw(coords, step, total_steps, gen, s["saliency"]) if masking else None  # (M,) bool
         return {"student": (s["grid_coord"], s["feat"]), "teacher": (t["grid_coord"], t["feat"]), "mask": mask,
                 "pairs": [(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(w)) for a, b, w in pairs],
                 "n_points": len(s["inverse"]) + len(t["inverse"])}

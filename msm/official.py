@@ -7,14 +7,15 @@ that the result computes what the official network computes."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from .core import MSMError, read_checkpoint
+from .core import MSMError, check_finite_weights, default_device, read_checkpoint
 from .hunet import HUNet, HUNetConfig, ResNetBlock
 
 # %% auto #0
-__all__ = ['OFFICIAL_PREFIX', 'official_names', 'state_dict_of', 'load_official', 'to_official']
+__all__ = ['OFFICIAL_PREFIX', 'official_names', 'state_dict_of', 'load_official', 'to_official', 'load_backbone']
 
 # %% ../nbs/06a_official.ipynb #4ce8afd6
 _RES = {"norm.scale": "norm.norm.scale", "conv1.kernel": "conv1.weight", "conv2.kernel": "conv2.weight",
@@ -110,3 +111,39 @@ def to_official(model: HUNet, prefix: str = OFFICIAL_PREFIX) -> dict:
     "The model's weights as an official-layout state dict (`prefix` + official names, spconv conv layouts)."
     own = model.state_dict()
     return {prefix + off: _to_spconv(own[ours].detach().clone(), kind) for ours, (off, kind) in official_names(model).items()}
+
+# %% ../nbs/06a_official.ipynb #bcccf41d
+def load_backbone(path: str | os.PathLike, device: str | None = None) -> HUNet:
+    "A frozen-ready HUNet from an `msm pretrain` checkpoint or the official released weights (file `path`)."
+    path = Path(path)
+    ckpt = read_checkpoint(path)  # MSMError naming the file when it is missing, unreadable or not a dict
+    if any(str(k).startswith(OFFICIAL_PREFIX) for k in state_dict_of(ckpt)):
+        try:
+            model = load_official(ckpt)
+        except MSMError as e:
+            raise MSMError(f"{path}: {e}") from None
+        except (RuntimeError, ValueError) as e:  # a tensor cut short cannot even be re-laid out
+            raise MSMError(f"{path}: weights do not fit the paper HUNet ({' '.join(str(e).split())[:200]})") from None
+    elif "config" in ckpt and "model" in ckpt:
+        cfg = ckpt["config"]
+        model_cfg = cfg.get("model", cfg) if isinstance(cfg, dict) else cfg
+        if not isinstance(model_cfg, dict) or not isinstance(ckpt["model"], dict):
+            raise MSMError(f"{path}: its 'config' and 'model' entries should be dicts (a damaged checkpoint?)")
+        model = HUNet(HUNetConfig.from_dict(model_cfg, source=str(path)))
+        own = model.state_dict()
+        whose = f"the checkpoint's own config ('{cfg['name']}')" if isinstance(cfg, dict) and "name" in cfg else \
+            "the checkpoint's own config"
+        for k, v in ckpt["model"].items():  # another preset's weights, or one tensor cut short
+            if k in own and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape)):
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise MSMError(f"{path}: tensor '{k}' has shape {got}, but {whose} needs {tuple(own[k].shape)} "
+                               "(weights of another preset, or a damaged file)")
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        if missing or unexpected:
+            raise MSMError(f"{path}: checkpoint does not match its own config "
+                           f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+    else:
+        raise MSMError(f"{path}: neither an `msm pretrain` checkpoint (keys 'model' + 'config') "
+                       f"nor official MSM weights (keys 'module.student.*'); found keys {list(ckpt)[:8]}")
+    check_finite_weights(model.state_dict(), str(path))  # NaN weights give NaN features and a meaningless probe
+    return model.to(default_device(device)).eval()

@@ -2,6 +2,7 @@
 between a learner's code and the reference works, and the exercise notebooks export nothing and ship no answers."""
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from msm.sparse import SparseTensor, kernel_map, kernel_offsets, lookup  # noqa:
 EXERCISES = {  # notebook -> the functions its learner writes
     "01_kernel_map.ipynb": ["build_kernel_map"],
     "02_masking.ipynb": ["coarse_mask", "predict_level_ratios"],
-    "03_probe_levels.ipynb": ["sample_level"],
-    "04_loss.ipynb": ["masked_level_loss", "cosine_per_voxel"],
+    "03_loss.ipynb": ["masked_level_loss", "cosine_per_voxel"],
+    "04_ema_teacher.ipynb": ["teacher_momentum", "ema_update"],
+    "05_probe_levels.ipynb": ["sample_level"],
 }
 
 
@@ -32,6 +34,8 @@ EXERCISES = {  # notebook -> the functions its learner writes
     (checks.check_predicted_ratios, S.predict_level_ratios),
     (checks.check_sample_level, S.sample_level),
     (checks.check_masked_level_loss, S.masked_level_loss),
+    (checks.check_teacher_momentum, S.teacher_momentum),
+    (checks.check_ema_update, S.ema_update),
 ], ids=lambda x: getattr(x, "__name__", ""))
 def test_reference_passes(check, solution):
     assert isinstance(check(solution), dict)
@@ -186,6 +190,58 @@ def test_wrong_losses_fail(mistake):
 def test_wrong_cosine_fails(wrong):
     with pytest.raises(AssertionError, match="1 - cos"):
         checks.check_cosine_per_voxel(wrong)
+
+
+def _linear_momentum(step, total, start=0.996, end=1.0):
+    return end if total <= 0 else start + (end - start) * min(max(step / total, 0.0), 1.0)
+
+
+def _reversed_momentum(step, total, start=0.996, end=1.0):
+    "The half cosine run backwards: end at step 0, start at the end of the run."
+    return S.teacher_momentum(step, total, end, start)
+
+
+def _unclamped_momentum(step, total, start=0.996, end=1.0):
+    "No clamp after the run: the cosine comes back down past step total."
+    return end - (end - start) * (1 + math.cos(math.pi * step / max(total, 1))) / 2
+
+
+@pytest.mark.parametrize("wrong", [_linear_momentum, _reversed_momentum, _unclamped_momentum], ids=lambda f: f.__name__)
+def test_wrong_momentum_fails(wrong):
+    with pytest.raises(AssertionError, match="half cosine"):
+        checks.check_teacher_momentum(wrong)
+
+
+@torch.no_grad()
+def _swapped_ema(teacher, student, momentum):
+    "momentum on the student: the teacher jumps to the student instead of averaging."
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(1 - momentum).add_(s, alpha=momentum)
+
+
+@torch.no_grad()
+def _student_moves(teacher, student, momentum):
+    S.ema_update(student, teacher, momentum)
+
+
+def _with_grad(teacher, student, momentum):
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s, alpha=1 - momentum)
+
+
+def _replaced(teacher, student, momentum):
+    for (name, t), s in zip(list(teacher.named_parameters()), student.parameters()):
+        module, _, attr = name.rpartition(".")
+        owner = teacher.get_submodule(module) if module else teacher
+        setattr(owner, attr, torch.nn.Parameter(momentum * t.detach() + (1 - momentum) * s.detach(), requires_grad=False))
+
+
+@pytest.mark.parametrize("wrong, message", [(_swapped_ema, "differs from momentum"), (_student_moves, "student changed"),
+                                            (_with_grad, "requires grad"), (_replaced, "in place")],
+                         ids=["swapped", "student_moves", "with_grad", "replaced"])
+def test_wrong_ema_updates_fail(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        checks.check_ema_update(wrong)
 
 
 # -- the switch between the learner's code and the reference ---------------------------------------------------------

@@ -19,7 +19,7 @@ from msm.data import load_scene
 from msm.hunet import HUNet, HUNetConfig
 from msm.kernel_maps import KernelMap, kernel_map, kernel_offsets, random_coords, sparse_conv
 from msm.masking import MaskConfig, level_mask_ratios, level_masks, patch_mask, random_voxel_mask
-from msm.objective import MaskedSceneModel, ObjectiveConfig, PairSampler, collate_pairs, feature_loss
+from msm.objective import MaskedSceneModel, ObjectiveConfig, PairSampler, collate_pairs, ema_momentum, feature_loss
 from msm.probe import sample_features
 from msm.sparse import Conv3d, SparseTensor
 from msm.transforms import default_pretrain_transform
@@ -198,45 +198,7 @@ def check_predicted_ratios(predict_level_ratios, tol: float = 0.02) -> dict:
     return {"worst error": max(worst.values())}
 
 
-# -- exercise 3: reading one level back at the points -----------------------------------------------------------------
-def tiny_levels(name: str = "room_0008", seed: int = 0):
-    "Decoder levels of a random tiny HUNet on a sample room, and the finest grid coordinate of every point (N, 3)."
-    vox = voxelize_scene(_sample_rooms((name,), "val")[0], 0.04, "first")
-    torch.manual_seed(seed)
-    net = HUNet(HUNetConfig.tiny()).eval()
-    net.config.shuffle_curves = False
-    x = SparseTensor(vox["feat"], torch.cat([torch.zeros_like(vox["grid_coord"][:, :1]), vox["grid_coord"]], 1))
-    with torch.no_grad():
-        levels = net(x)
-    return levels, vox["grid_coord"][vox["inverse"]].long()
-
-
-def check_sample_level(sample_level) -> dict:
-    """Exercise 3: `sample_level(feats, coords, stride, points)` equals `msm.probe.sample_features(levels, points,
-    level_ids=[l])` (trilinear, voxel centres, empty corners count as zero) on every level of a tiny HUNet."""
-    # the hand-made case of 09a_features: stride 2, voxels (0, 0, 0) and (1, 0, 0), one point in finest voxel (1, 0, 0)
-    c = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32)
-    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    got = _call(sample_level, f, c, 2, torch.tensor([[1, 0, 0]]))
-    want = torch.tensor([[0.75**3, 0.25 * 0.75**2]])
-    if tuple(got.shape) != (1, 2) or not torch.allclose(got.float(), want, atol=1e-6):
-        raise AssertionError(f"hand-made case (09a_features): got {got.tolist()}, expected {want.tolist()}: the point sits at "
-                             "u = (c + 0.5) / stride - 0.5 = (0.25, -0.25, -0.25) level voxels; only the corners with "
-                             "y = z = 0 exist")
-    levels, pts = tiny_levels()
-    for lv, level in enumerate(levels):
-        got = _call(sample_level, level.feats, level.coords, level.stride, pts)
-        want = sample_features(levels, pts, level_ids=[lv])
-        if tuple(got.shape) != tuple(want.shape):
-            raise AssertionError(f"level {lv}: shape {tuple(got.shape)}, expected {tuple(want.shape)} (points, channels)")
-        err = float((got.float() - want).abs().max())
-        if err > 1e-4:
-            raise AssertionError(f"level {lv} (stride {level.stride}): differs from sample_features by up to {err:.3g}"
-                                 + (" (at level 0 every point must get exactly its own voxel's feature)" if lv == 0 else ""))
-    return {"levels": len(levels), "points": len(pts)}
-
-
-# -- exercise 4: the masked feature loss of one level -----------------------------------------------------------------
+# -- exercise 3: the masked feature loss of one level -----------------------------------------------------------------
 def l2_per_voxel(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "Mean squared error over channels, per voxel (V,) (msm's `feature_loss(kind='l2')`)."
     return ((pred - target) ** 2).mean(1)
@@ -289,13 +251,13 @@ def _compare_loss(masked_level_loss, case: dict, per_voxel, what: str) -> list:
 
 
 def check_masked_level_loss(masked_level_loss) -> dict:
-    """Exercise 4a: `masked_level_loss(pred, masked, teacher, pairs_student, pairs_teacher, weights, n_items,
+    """Exercise 3a: `masked_level_loss(pred, masked, teacher, pairs_student, pairs_teacher, weights, n_items,
     per_voxel)` reproduces `MaskedSceneModel`'s loss of every level (L2, layer-normalised targets)."""
     return {"l2": _compare_loss(masked_level_loss, loss_case("l2"), l2_per_voxel, "L2 loss")}
 
 
 def check_cosine_per_voxel(cosine_per_voxel, masked_level_loss=None) -> dict:
-    """Exercise 4b: `cosine_per_voxel(pred, target)` equals `feature_loss(kind='cosine')` and, through
+    """Exercise 3b: `cosine_per_voxel(pred, target)` equals `feature_loss(kind='cosine')` and, through
     `masked_level_loss`, gives the loss of a `MaskedSceneModel` built with `ObjectiveConfig(loss='cosine')`."""
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(50, 24, generator=g), torch.randn(50, 24, generator=g)
@@ -309,3 +271,102 @@ def check_cosine_per_voxel(cosine_per_voxel, masked_level_loss=None) -> dict:
     if masked_level_loss is not None:
         res["cosine"] = _compare_loss(masked_level_loss, loss_case("cosine"), cosine_per_voxel, "cosine loss")
     return res
+
+
+# -- exercise 4: the EMA teacher -------------------------------------------------------------------------------------
+MOMENTUM_CASES = [(s, 1000, 0.996, 1.0) for s in (0, 1, 100, 250, 500, 750, 999, 1000, 1500)] + [
+    (30, 100, 0.99, 0.999), (0, 0, 0.996, 1.0)]  # (step, total, start, end); past the end and an empty run included
+
+
+def check_teacher_momentum(teacher_momentum) -> dict:
+    """Exercise 4a: `teacher_momentum(step, total, start, end)` is msm's schedule (`msm.objective.ema_momentum`):
+    `start` at step 0, `end` at step `total` and after, a half cosine in between; `end` when `total <= 0`."""
+    for step, total, start, end in MOMENTUM_CASES:
+        got, want = float(_call(teacher_momentum, step, total, start, end)), ema_momentum(step, total, start, end)
+        if not abs(got - want) <= 1e-12:  # float64 arithmetic on values near 1: a few ulps, far below any wrong schedule
+            raise AssertionError(f"teacher_momentum({step}, {total}, {start}, {end}) = {got:.6f}, expected {want:.6f} "
+                                 f"(a half cosine from start at step 0 to end at step total, end after it)")
+    return {"momentum at 0 / 25 / 50 / 75 / 100 %": [round(ema_momentum(s, 1000), 6) for s in (0, 250, 500, 750, 1000)]}
+
+
+def ema_pair(seed: int = 0) -> MaskedSceneModel:
+    "A `MaskedSceneModel` (tiny) whose student has moved away from its teacher (as after some optimiser steps)."
+    torch.manual_seed(seed)
+    model = MaskedSceneModel(HUNetConfig.tiny(), ObjectiveConfig())
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _params(module) -> list:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def check_ema_update(ema_update) -> dict:
+    """Exercise 4b: `ema_update(teacher, student, momentum)` moves every teacher parameter in place to
+    momentum * teacher + (1 - momentum) * student, as `MaskedSceneModel.update_teacher`, leaving the student as it
+    was and the teacher without gradients."""
+    res = {}
+    for m in (0.9, 0.996, 1.0, 0.0):
+        mine, ref = ema_pair(), ema_pair()
+        student_before, teacher_ids = _params(mine.student), [id(p) for p in mine.teacher.parameters()]
+        _call(ema_update, mine.teacher, mine.student, m)
+        ref.update_teacher(m)
+        if [id(p) for p in mine.teacher.parameters()] != teacher_ids:
+            raise AssertionError("ema_update: update the teacher's parameters in place (the model keeps them), "
+                                 "do not replace them")
+        for a, b in zip(mine.student.parameters(), student_before):
+            if not torch.equal(a.detach(), b):
+                raise AssertionError(f"ema_update (momentum {m}): the student changed; only the teacher moves")
+        for (name, a), b in zip(mine.teacher.named_parameters(), ref.teacher.parameters()):
+            if a.requires_grad:
+                raise AssertionError(f"ema_update (momentum {m}): teacher parameter {name} now requires grad; run the "
+                                     "update under torch.no_grad() (the teacher is never trained by backprop)")
+            # float32: a * m + b * (1 - m) in any order agrees to a few ulps of the values (|values| < 10 here)
+            if not torch.allclose(a.detach(), b.detach(), rtol=1e-5, atol=1e-6):
+                err = float((a.detach() - b.detach()).abs().max())
+                raise AssertionError(f"ema_update (momentum {m}): teacher parameter {name} differs from "
+                                     f"momentum * teacher + (1 - momentum) * student by up to {err:.3g}")
+        pairs = zip(mine.teacher.parameters(), mine.student.parameters())
+        dist = sum(float((t - s).detach().pow(2).sum()) for t, s in pairs)
+        res[m] = round(dist ** 0.5, 4)
+    return {"teacher-student distance after one step, by momentum": res}
+
+
+# -- exercise 5: reading one level back at the points -----------------------------------------------------------------
+def tiny_levels(name: str = "room_0008", seed: int = 0):
+    "Decoder levels of a random tiny HUNet on a sample room, and the finest grid coordinate of every point (N, 3)."
+    vox = voxelize_scene(_sample_rooms((name,), "val")[0], 0.04, "first")
+    torch.manual_seed(seed)
+    net = HUNet(HUNetConfig.tiny()).eval()
+    net.config.shuffle_curves = False
+    x = SparseTensor(vox["feat"], torch.cat([torch.zeros_like(vox["grid_coord"][:, :1]), vox["grid_coord"]], 1))
+    with torch.no_grad():
+        levels = net(x)
+    return levels, vox["grid_coord"][vox["inverse"]].long()
+
+
+def check_sample_level(sample_level) -> dict:
+    """Exercise 5: `sample_level(feats, coords, stride, points)` equals `msm.probe.sample_features(levels, points,
+    level_ids=[l])` (trilinear, voxel centres, empty corners count as zero) on every level of a tiny HUNet."""
+    # the hand-made case of 09a_features: stride 2, voxels (0, 0, 0) and (1, 0, 0), one point in finest voxel (1, 0, 0)
+    c = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    got = _call(sample_level, f, c, 2, torch.tensor([[1, 0, 0]]))
+    want = torch.tensor([[0.75**3, 0.25 * 0.75**2]])
+    if tuple(got.shape) != (1, 2) or not torch.allclose(got.float(), want, atol=1e-6):
+        raise AssertionError(f"hand-made case (09a_features): got {got.tolist()}, expected {want.tolist()}: the point sits at "
+                             "u = (c + 0.5) / stride - 0.5 = (0.25, -0.25, -0.25) level voxels; only the corners with "
+                             "y = z = 0 exist")
+    levels, pts = tiny_levels()
+    for lv, level in enumerate(levels):
+        got = _call(sample_level, level.feats, level.coords, level.stride, pts)
+        want = sample_features(levels, pts, level_ids=[lv])
+        if tuple(got.shape) != tuple(want.shape):
+            raise AssertionError(f"level {lv}: shape {tuple(got.shape)}, expected {tuple(want.shape)} (points, channels)")
+        err = float((got.float() - want).abs().max())
+        if err > 1e-4:
+            raise AssertionError(f"level {lv} (stride {level.stride}): differs from sample_features by up to {err:.3g}"
+                                 + (" (at level 0 every point must get exactly its own voxel's feature)" if lv == 0 else ""))
+    return {"levels": len(levels), "points": len(pts)}

@@ -7,6 +7,7 @@ with `MSM_SOLUTIONS=1`; see `checks.solution_or`. `tests/test_tutorials.py` runs
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -58,24 +59,7 @@ def predict_level_ratios(coords: torch.Tensor, patch_size: int, ratio: float, n_
     return out
 
 
-# Exercise 3 (03_probe_levels.ipynb)
-def sample_level(feats: torch.Tensor, coords: torch.Tensor, stride: int, points: torch.Tensor) -> torch.Tensor:
-    "Trilinear features (N, C) of one level (feats (M, C), coords (M, 4) of scene 0) at finest voxels points (N, 3)."
-    u = (points.double() + 0.5) / stride - 0.5  # (N, 3) position in level voxels, voxel centres at integers
-    base = u.floor()
-    frac = u - base  # (N, 3) in [0, 1)
-    out = feats.new_zeros(len(points), feats.shape[1])
-    for corner in itertools.product((0, 1), repeat=3):
-        off = torch.tensor(corner, dtype=torch.float64)
-        q = torch.cat([torch.zeros(len(points), 1, dtype=torch.long), (base + off).long()], 1)  # (N, 4)
-        rows = lookup(q.int(), coords)  # (N,) -1 where the corner voxel is empty
-        w = torch.where(off.bool(), frac, 1 - frac).prod(1)  # (N,) trilinear weight of this corner
-        w = torch.where(rows >= 0, w, 0.0).to(feats.dtype)  # empty corners count as zero
-        out += w[:, None] * feats[rows.clamp_min(0)]
-    return out
-
-
-# Exercise 4 (04_loss.ipynb)
+# Exercise 3 (03_loss.ipynb)
 def masked_level_loss(pred, masked, teacher, pairs_student, pairs_teacher, weights, n_items: int,
                       per_voxel=_l2_per_voxel) -> torch.Tensor:
     "Per-scene loss (n_items,) of one level: masked student voxels against the scatter-mean of normalised targets."
@@ -96,3 +80,38 @@ def masked_level_loss(pred, masked, teacher, pairs_student, pairs_teacher, weigh
 def cosine_per_voxel(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     "1 - cosine similarity of every row (V,) of pred and target (V, C)."
     return 1 - torch.nn.functional.cosine_similarity(pred, target, dim=1, eps=1e-6)
+
+
+# Exercise 4 (04_ema_teacher.ipynb)
+def teacher_momentum(step: int, total: int, start: float = 0.996, end: float = 1.0) -> float:
+    "EMA momentum at `step` of `total`: `start` -> `end` along a half cosine (`end` after the run or for total <= 0)."
+    if total <= 0:
+        return end
+    t = min(max(step / total, 0.0), 1.0)
+    return end - (end - start) * (1 + math.cos(math.pi * t)) / 2
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum: float) -> None:
+    "teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter, in place; buffers copied."
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+    for bt, bs in zip(teacher.buffers(), student.buffers()):
+        bt.copy_(bs)
+
+
+# Exercise 5 (05_probe_levels.ipynb)
+def sample_level(feats: torch.Tensor, coords: torch.Tensor, stride: int, points: torch.Tensor) -> torch.Tensor:
+    "Trilinear features (N, C) of one level (feats (M, C), coords (M, 4) of scene 0) at finest voxels points (N, 3)."
+    u = (points.double() + 0.5) / stride - 0.5  # (N, 3) position in level voxels, voxel centres at integers
+    base = u.floor()
+    frac = u - base  # (N, 3) in [0, 1)
+    out = feats.new_zeros(len(points), feats.shape[1])
+    for corner in itertools.product((0, 1), repeat=3):
+        off = torch.tensor(corner, dtype=torch.float64)
+        q = torch.cat([torch.zeros(len(points), 1, dtype=torch.long), (base + off).long()], 1)  # (N, 4)
+        rows = lookup(q.int(), coords)  # (N,) -1 where the corner voxel is empty
+        w = torch.where(off.bool(), frac, 1 - frac).prod(1)  # (N,) trilinear weight of this corner
+        w = torch.where(rows >= 0, w, 0.0).to(feats.dtype)  # empty corners count as zero
+        out += w[:, None] * feats[rows.clamp_min(0)]
+    return out
