@@ -13,10 +13,10 @@ import numpy as np
 from .core import MSMError
 
 # %% auto #0
-__all__ = ['point_keys', 'with_index', 'take', 'Transform', 'Compose', 'CenterShift', 'RandomRotate', 'RandomRotateZ',
-           'RandomScale', 'RandomFlip', 'RandomJitter', 'ChromaticAutoContrast', 'ChromaticTranslation',
-           'ChromaticJitter', 'RandomDropColor', 'SphereCrop', 'two_views', 'default_pretrain_transform',
-           'default_eval_transform']
+__all__ = ['point_keys', 'with_index', 'take', 'Transform', 'Compose', 'LinearTransform', 'CenterShift', 'RandomRotate',
+           'RandomRotateZ', 'RandomScale', 'RandomFlip', 'RandomJitter', 'ChromaticAutoContrast',
+           'ChromaticTranslation', 'ChromaticJitter', 'RandomDropColor', 'SphereCrop', 'two_views',
+           'default_pretrain_transform', 'default_eval_transform']
 
 # %% ../nbs/02_transforms.ipynb #ef08a7b5
 def point_keys(scene: dict) -> list[str]:
@@ -56,13 +56,20 @@ class Transform:
 
 @dataclass
 class Compose(Transform):
-    "Apply `transforms` one after the other."
+    "Apply `transforms` one after the other (consecutive linear ones as one matrix product)."
     transforms: list
 
     def apply(self, scene, rng):
+        m = None  # product of the consecutive linear transforms not yet applied
         for t in self.transforms:
+            if hasattr(t, "matrix"):  # a LinearTransform (defined below): fold it into m, same draws, same order
+                step = t.matrix(rng)
+                m = m if step is None else step if m is None else step @ m
+                continue
+            if m is not None:
+                scene, m = _apply_linear(scene, m), None
             scene = t(scene, rng)
-        return scene
+        return scene if m is None else _apply_linear(scene, m)
 
 # %% ../nbs/02_transforms.ipynb #9a8fcd9c
 def _rotation(axis: str, angle: float) -> np.ndarray:
@@ -86,6 +93,18 @@ def _apply_linear(scene: dict, m: np.ndarray) -> dict:
     return out
 
 
+class LinearTransform(Transform):
+    "A transform that is one 3x3 matrix (drawn per call): `matrix(rng)`; `Compose` multiplies neighbours into one."
+
+    def matrix(self, rng: np.random.Generator) -> np.ndarray | None:  # pragma: no cover - abstract
+        "The matrix of this call (None: leave the scene as it is)."
+        raise NotImplementedError
+
+    def apply(self, scene, rng):
+        m = self.matrix(rng)
+        return scene if m is None else _apply_linear(scene, m)
+
+
 @dataclass
 class CenterShift(Transform):
     "Shift x, y to the centre of the bounding box and (with `apply_z`) the lowest point to z = 0."
@@ -97,59 +116,63 @@ class CenterShift(Transform):
         shift = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2] if self.apply_z else 0.0])
         return dict(scene, coord=(c - shift).astype(np.float32))
 
-
+# %% ../nbs/02_transforms.ipynb #5c1e7a02
 @dataclass
-class RandomRotate(Transform):
+class RandomRotate(LinearTransform):
     "Rotate about the origin by an angle drawn uniformly from `angle` (radians) about `axis`, with probability `p`."
     angle: tuple = (-np.pi, np.pi)
     axis: str = "z"
     p: float = 1.0
 
-    def apply(self, scene, rng):
+    def matrix(self, rng):
         if self.axis not in ("x", "y", "z"):
             raise MSMError(f"RandomRotate: axis must be 'x', 'y' or 'z', got {self.axis!r}")
         if rng.random() >= self.p:
-            return scene
-        return _apply_linear(scene, _rotation(self.axis, rng.uniform(*self.angle)))
+            return None
+        return _rotation(self.axis, rng.uniform(*self.angle))
 
 
 @dataclass
-class RandomRotateZ(Transform):
+class RandomRotateZ(LinearTransform):
     "Rotate about the vertical axis by an angle drawn uniformly from `angle` (radians), with probability `p`."
     angle: tuple = (-np.pi, np.pi)
     p: float = 1.0
 
-    def apply(self, scene, rng):
-        return RandomRotate(angle=self.angle, axis="z", p=self.p).apply(scene, rng)
+    def matrix(self, rng):
+        return RandomRotate(angle=self.angle, axis="z", p=self.p).matrix(rng)
 
 
 @dataclass
-class RandomScale(Transform):
+class RandomScale(LinearTransform):
     "Scale coordinates by a factor drawn from `scale` (one for all axes, or one per axis with `anisotropic`)."
     scale: tuple = (0.9, 1.1)
     anisotropic: bool = False
 
-    def apply(self, scene, rng):
+    def matrix(self, rng):
         f = rng.uniform(*self.scale, size=3 if self.anisotropic else 1)
-        if not self.anisotropic:
-            return dict(scene, coord=(scene["coord"] * f[0]).astype(np.float32))  # normals unchanged
-        return _apply_linear(scene, np.diag(f))
+        return np.diag(f) if self.anisotropic else np.eye(3) * f[0]
+
+    def apply(self, scene, rng):
+        m = self.matrix(rng)
+        if not self.anisotropic:  # alone, an isotropic scale need not touch the normals
+            return dict(scene, coord=(scene["coord"] * m[0, 0]).astype(np.float32))
+        return _apply_linear(scene, m)
 
 
 @dataclass
-class RandomFlip(Transform):
+class RandomFlip(LinearTransform):
     "Mirror each axis in `axes` independently with probability `p` (normals mirrored with it)."
     p: float = 0.5
     axes: tuple = ("x", "y")
 
-    def apply(self, scene, rng):
+    def matrix(self, rng):
         if not set(self.axes) <= {"x", "y", "z"}:
             raise MSMError(f"RandomFlip: axes must be among 'x', 'y', 'z', got {self.axes!r}")
         d = np.ones(3)
         for a in self.axes:
             if rng.random() < self.p:
                 d["xyz".index(a)] = -1.0
-        return scene if (d == 1).all() else _apply_linear(scene, np.diag(d))
+        return None if (d == 1).all() else np.diag(d)
 
 
 @dataclass
