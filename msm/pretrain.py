@@ -266,6 +266,8 @@ def _data_id(scenes: SceneDataset) -> dict:
 def load_checkpoint(path: Path) -> dict:
     "Read an `msm pretrain` checkpoint (weights only); `MSMError` naming the file when it cannot be used."
     path = Path(path)
+    if path.is_dir():
+        raise MSMError(f"{path}: a folder, not a checkpoint file (move it away, or resume from another --out)")
     if not path.is_file():
         raise MSMError(f"{path}: no checkpoint to resume from")
     ckpt = read_checkpoint(path)

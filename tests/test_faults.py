@@ -512,3 +512,12 @@ def test_viz_out_is_a_file(straight, root, tmp_path, capsys):
     one_line(*cli(capsys, "viz", "--ckpt", straight / "checkpoint.pt", "--scene", root / "val" / "room9", "--out", f),
              f"{f}: exists and is not a folder")
     assert f.read_text() == "keep me"
+
+
+def test_resume_when_checkpoint_is_a_folder(root, tmp_path, capsys):
+    (tmp_path / "run" / "checkpoint.pt").mkdir(parents=True)
+    assert main(["pretrain", "--preset", "tiny", "--data", str(root), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--no-progress", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "checkpoint.pt: a folder, not a checkpoint file" in err, err
+    assert (tmp_path / "run" / "checkpoint.pt").is_dir()  # nothing touched
