@@ -208,6 +208,7 @@ def main(argv=None):
     step_s = statistics.median(times) if times else float("nan")
 
     n_vox = len(batch["student_coords"]), len(batch["teacher_coords"])
+    batch_mb = len(pickle.dumps(batch)) / 2**20  # what a worker hands over (with the plan, if any)
     print(f"preset {args.preset}, {n_points} points, voxels student {n_vox[0]} / teacher {n_vox[1]}, "
           f"device {dev}, {args.threads} threads")
     print(f"{'call site':<44} {'syncs':>7} {'ops':>8}")
@@ -217,11 +218,12 @@ def main(argv=None):
     print("sync ops:", ", ".join(f"{k} {v}" for k, v in c.sync_ops.most_common()))
     print("busiest sites by ops:", ", ".join(f"{k} {v}" for k, v in c.ops.most_common(5)))
     print(f"step {step_s:.3f} s (median of {len(times)}); worker per sample {sample_s + collate_s:.3f} s "
-          f"(sampler {sample_s:.3f} s + collate {collate_s:.3f} s)")
+          f"(sampler {sample_s:.3f} s + collate {collate_s:.3f} s), batch {batch_mb:.1f} MiB pickled")
     print(json.dumps({"preset": args.preset, "device": str(dev), "points": n_points, "student_voxels": n_vox[0],
                       "teacher_voxels": n_vox[1], "syncs_per_step": c.n_syncs, "ops_per_step": c.n_ops,
                       "step_s": round(step_s, 4), "sample_s": round(sample_s + collate_s, 4),
                       "sampler_s": round(sample_s, 4), "collate_s": round(collate_s, 4),
+                      "batch_mib": round(batch_mb, 1),
                       "threads": args.threads}))
 
 

@@ -135,6 +135,11 @@ class PairSampler:
     shared_crop: int | None = None  # crop this many points once, before the two views (None: crops per view only)
     prepare: bool = True  # the worker also builds what the network's forward needs (maps, orders: `collate_pairs`)
     model: HUNetConfig | None = None  # the network the batches are for (what to prepare; None: see `prepare_input`)
+    plan_device: str | None = None  # "cpu" | "cuda": the device whose block sizes the plans use (None: "cuda" if available)
+
+    def __post_init__(self):
+        if self.plan_device is None:  # resolved where the sampler is built (the main process), not in the workers
+            self.plan_device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __call__(self, scene: dict, rng: np.random.Generator, step: int = 0, total_steps: int = 1) -> list[dict]:
         if self.shared_crop is not None:
@@ -151,7 +156,7 @@ class PairSampler:
             items[0]["curve_perms"] = {who: [torch.randperm(n, generator=gen).tolist() for _ in range(2 * self.n_levels)]
                                        for who in ("student", "teacher")}
             for it in items:
-                it["prepare"] = self.model
+                it["prepare"] = (self.model, self.plan_device)
         return items
 
     def _item(self, s: dict, t: dict, step: int, total_steps: int, gen: torch.Generator) -> dict:
@@ -175,11 +180,12 @@ class StepPlan:
         self.student, self.teacher, self.loss = student, teacher, loss
 
     @classmethod
-    def build(cls, batch: dict, config: HUNetConfig | None = None) -> StepPlan:
-        "The plan of a batch of `collate_pairs` for a network of `config` (None: the default layout, see prepare_input)."
+    def build(cls, batch: dict, config: HUNetConfig | None = None, device_type: str | None = None) -> StepPlan:
+        """The plan of a batch of `collate_pairs` for a network of `config` (None: the default layout, see
+        prepare_input), its convolution plans in blocks sized for `device_type` (default: the batch's device)."""
         n_levels = len(batch["pairs_student"])
-        student = prepare_input(batch["student_coords"], n_levels, batch["mask"], config)
-        teacher = prepare_input(batch["teacher_coords"], n_levels, None, config)
+        student = prepare_input(batch["student_coords"], n_levels, batch["mask"], config, device_type=device_type)
+        teacher = prepare_input(batch["teacher_coords"], n_levels, None, config, device_type=device_type)
         mv = student.extras.get("masked_view")
         loss = {}
         for lv in range(n_levels):
@@ -228,7 +234,7 @@ def collate_pairs(samples: list) -> dict:
     if "curve_perms" in items[0]:
         batch["curve_perms"] = items[0]["curve_perms"]
     if "prepare" in items[0]:  # in the DataLoader worker: maps, plans, orders and loss rows of this very batch
-        batch["plan"] = StepPlan.build(batch, items[0]["prepare"])
+        batch["plan"] = StepPlan.build(batch, *items[0]["prepare"])
     return batch
 
 # %% ../nbs/08_objective.ipynb #43fe874b
