@@ -147,7 +147,8 @@ class KernelMap:
         mv = lambda t: _move(t, device, memo)
         km = KernelMap([mv(t) for t in self.in_idx], [mv(t) for t in self.out_idx], mv(self.offsets), self.n_in,
                        self.n_out, mv(self.in_coords), mv(self.out_coords), self.kind, mv(self.parent))
-        km._plans = {k: p.to(device, memo) for k, p in self._plans.items()}
+        km._plans = {k: _move(p, device, memo) if isinstance(p, torch.Tensor) else p.to(device, memo)
+                     for k, p in self._plans.items()}  # plans of this engine, tables of other engines
         return km
 
 
@@ -279,7 +280,6 @@ _BLOCK_PAIRS_CUDA = 1 << 20  # on GPUs few large blocks (each block costs kernel
 class _Plan:
     "Pairs of a map in execution order: blocks of consecutive destination rows; in a block by (offset, destination)."
     src: torch.Tensor  # (P,) int32 source rows, execution order
-    dst: torch.Tensor  # (P,) int32 destination rows, execution order
     blocks: list  # (e0, e1, r0, r1, [(k, s, e)], bag_idx int32 (e1 - e0,), bag_off int32 (r1 - r0,))
     covers: bool  # every destination row has at least one pair
     single: bool  # every destination row has exactly one pair (no sum needed)
@@ -290,7 +290,7 @@ class _Plan:
         memo = {} if memo is None else memo
         mv = lambda t: _move(t, device, memo)
         blocks = [(e0, e1, r0, r1, segs, mv(bi), mv(bo)) for e0, e1, r0, r1, segs, bi, bo in self.blocks]
-        return _Plan(mv(self.src), mv(self.dst), blocks, self.covers, self.single, self.block_pairs)
+        return _Plan(mv(self.src), blocks, self.covers, self.single, self.block_pairs)
 
 
 def _block_pairs(device_type: str) -> int:
@@ -305,7 +305,7 @@ def _build_plan(src_list, dst_list, n_dst: int, skip: int | None = None, device_
     block_pairs = _block_pairs(device_type or dev.type)
     if not ks or n_dst == 0:
         e = torch.zeros(0, dtype=torch.int32, device=dev)
-        return _Plan(e, e, [], n_dst == 0, False, block_pairs)
+        return _Plan(e, [], n_dst == 0, False, block_pairs)
     lens_py = [len(src_list[k]) for k in ks]  # lengths are shapes: no host sync
     lens = torch.tensor(lens_py, device=dev)
     nk, P = len(ks), sum(lens_py)
@@ -330,7 +330,6 @@ def _build_plan(src_list, dst_list, n_dst: int, skip: int | None = None, device_
         pos_e = torch.empty(P, dtype=torch.int64, device=dev)
         pos_e.scatter_(0, torch.argsort(group * n_dst + dst), torch.arange(P, device=dev))
     src_e = torch.empty(P, dtype=torch.int32, device=dev).scatter_(0, pos_e, src.int())
-    dst_e = torch.empty(P, dtype=torch.int32, device=dev).scatter_(0, pos_e, dst.int())
     pos_b, cursor, s = torch.empty_like(pos_e), row_start.clone(), 0  # position in (destination, offset) order
     for k, n in zip(ks, lens_py):
         p = _take(cursor, dst_list[k])
@@ -350,7 +349,7 @@ def _build_plan(src_list, dst_list, n_dst: int, skip: int | None = None, device_
         blocks.append((e0, e1, r0, r1, segs, (bag[e0:e1] - e0).int(), (row_start[r0:r1] - e0).int()))
     cmin, cmax = torch.aminmax(count)
     cmin, cmax = torch.stack([cmin, cmax]).tolist()
-    return _Plan(src_e, dst_e, blocks, cmin >= 1, cmin == cmax == 1, block_pairs)
+    return _Plan(src_e, blocks, cmin >= 1, cmin == cmax == 1, block_pairs)
 
 
 def _get_plan(kmap: KernelMap, transposed: bool, device_type: str | None = None) -> _Plan:

@@ -21,10 +21,12 @@ bench_step = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_step)
 
 
-def _setup(visible_weight=0.0, att_drop=0.1):
+def _setup(visible_weight=0.0, att_drop=0.1, ratio=None, symmetric=False):
     cfg = PretrainConfig.preset("tiny").replace(crop_points=6000)
     cfg = cfg.replace(model=replace(cfg.model, att_drop=att_drop),
-                      objective=replace(cfg.objective, visible_weight=visible_weight))
+                      objective=replace(cfg.objective, visible_weight=visible_weight, symmetric=symmetric))
+    if ratio is not None:
+        cfg = cfg.replace(mask=replace(cfg.mask, ratio=ratio))
     sampler = MSM.build_sampler(cfg)
     samples = [sampler(synthetic_room(s, n_points=8000), np.random.default_rng(s), 0, 100) for s in (0, 1)]
     batch = MSM.collate(samples)
@@ -41,12 +43,17 @@ def _step(model, batch):
     return res, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("visible_weight", [0.0, 0.5])
-def test_prepared_step_equals_on_the_fly(visible_weight):
-    model, batch = _setup(visible_weight)
+@pytest.mark.parametrize("case", [dict(visible_weight=0.0), dict(visible_weight=0.5), dict(ratio=0.0),
+                                  dict(symmetric=True)])
+def test_prepared_step_equals_on_the_fly(case):
+    model, batch = _setup(**case)
+    assert (batch["mask"] is None) == (case.get("ratio") == 0.0)
     assert "plan" in batch and "curve_perms" in batch
     bare = {k: v for k, v in batch.items() if k != "plan"}  # same batch and curve draws, maps built in the step
-    res_p, g_p = _step(model, pickle.loads(pickle.dumps(batch)))
+    prepared = pickle.loads(pickle.dumps(batch))  # as a DataLoader hands it over
+    with bench_step.HostSyncCounter(sites=False) as c:
+        res_p, g_p = _step(model, prepared)
+    assert c.n_syncs == 0, dict(c.sync_ops)
     res_b, g_b = _step(model, bare)
     # identical maps, plans and orders on the same device -> the same operations in the same order: bitwise equal
     assert sorted(g_p) == sorted(g_b) and len(g_p) > 0
