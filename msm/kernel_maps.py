@@ -354,8 +354,8 @@ def _build_plan(src_list, dst_list, n_dst: int, skip: int | None = None, device_
 
 def _get_plan(kmap: KernelMap, transposed: bool, device_type: str | None = None) -> _Plan:
     """The (cached) plan of a map run forward (in -> out) or transposed (out -> in). A plan prepared elsewhere (a
-    DataLoader worker) is used as it is, whatever its block size: blocks hold whole destination rows, so the
-    outputs are the same (kernel gradients add the blocks in another grouping: equal up to float summation order)."""
+    DataLoader worker) is used as it is, whatever its block size: blocks hold whole destination rows and each
+    row sums its pairs in the same order (products of other sizes may round differently inside the BLAS)."""
     if transposed not in kmap._plans:
         src, dst, n = (kmap.out_idx, kmap.in_idx, kmap.n_in) if transposed else (kmap.in_idx, kmap.out_idx, kmap.n_out)
         kmap._plans[transposed] = _build_plan(src, dst, n, kmap.center, device_type)
