@@ -15,12 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .core import ConfigBase, MSMError, default_device
-from .kernel_maps import downsample, lookup
+from .kernel_maps import check_coords, downsample, kernel_map, lookup
 from .serialize import CURVES, _check_curve, serialize, window_attention
-from .sparse import Conv3d, DropPath, RMSNorm, SparseTensor
+from .sparse import Conv3d, DropPath, RMSNorm, SparseCache, SparseTensor, _same
 
 # %% auto #0
-__all__ = ['HUNetConfig', 'ResNetBlock', 'AttentionBlock', 'MaskedOutput', 'HUNet', 'random_backbone', 'count_parameters']
+__all__ = ['HUNetConfig', 'ResNetBlock', 'AttentionBlock', 'MaskedOutput', 'HUNet', 'prepare_input', 'random_backbone',
+           'count_parameters']
 
 # %% ../nbs/06_hunet.ipynb #c744279a
 _BLOCK_TYPES = ("hybrid", "conv", "attention")
@@ -129,13 +130,16 @@ class AttentionBlock(nn.Module):
         self.gamma2 = nn.Parameter(torch.full((1, channels), layer_scale))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: SparseTensor, order: torch.Tensor, inverse: torch.Tensor, batch: torch.Tensor) -> SparseTensor:
-        "x in row order; `order`/`inverse` the curve permutation of its rows, `batch` (M,) the scene ids in curve order."
+    def forward(self, x: SparseTensor, order: torch.Tensor, inverse: torch.Tensor, batch: torch.Tensor,
+                scene_counts: list | None = None) -> SparseTensor:
+        """x in row order; `order`/`inverse` the curve permutation of its rows, `batch` (M,) the scene ids in curve
+        order, `scene_counts` optionally the voxels per scene (Python ints: the blocks are planned without a sync)."""
         M, C = x.feats.shape
         h = self.norm(x.feats).index_select(0, order)  # (M, C) in curve order
         qkv = self.qkv(h).view(M, 3, self.heads, C // self.heads)  # (M, 3, H, D)
         a = window_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch, self.window,
-                             dropout_p=self.att_drop if self.training else 0.0, fp16_qkv=self.fp16_qkv)  # (M, H, D)
+                             dropout_p=self.att_drop if self.training else 0.0, fp16_qkv=self.fp16_qkv,
+                             scene_counts=scene_counts)  # (M, H, D)
         a = self.proj(a.reshape(M, C)).index_select(0, inverse)  # (M, C) back in row order
         x = x + self.drop_path(x.replace_feats(a * self.gamma1))
         gate, value = self.mlp_in(self.mlp_norm(x.feats)).chunk(2, dim=-1)  # (M, 4C) each
@@ -190,20 +194,31 @@ class _Stage(nn.Module):
         self.checkpoint = cfg.checkpoint
 
     def forward(self, x: SparseTensor, curves: list) -> SparseTensor:
-        orders, a = {}, 0
+        a = 0
         for blk in self.blocks:
             args = ()
             if isinstance(blk, AttentionBlock):
-                if curves[a] not in orders:
-                    order, inverse = serialize(x.coords, curves[a])
-                    orders[curves[a]] = (order, inverse, x.coords[order, 0])
-                args, a = orders[curves[a]], a + 1
+                args, a = _curve_order(x, curves[a]), a + 1
             if self.checkpoint and torch.is_grad_enabled():  # keep only the block's input for the backward pass
                 run = lambda f, blk=blk, x=x, args=args: blk(x.replace_feats(f), *args).feats
                 x = x.replace_feats(checkpoint(run, x.feats, use_reentrant=False))
             else:
                 x = blk(x, *args)
         return x
+
+
+def _curve_order(x: SparseTensor, curve: str) -> tuple:
+    """(order, inverse, batch ids in curve order, voxels per scene or None) of x's voxels along `curve`: from x's cache
+    when prepared (or computed earlier in this forward), else computed now (and cached when x holds its level's set)."""
+    own = _same(x.cache.coords.get(x.stride), x.coords)
+    key = (x.stride, curve)
+    if own and key in x.cache.orders:
+        return (*x.cache.orders[key], x.cache.counts.get(x.stride))
+    order, inverse = serialize(x.coords, curve)
+    entry = (order, inverse, x.coords[order, 0])
+    if own:
+        x.cache.orders[key] = entry
+    return (*entry, x.cache.counts.get(x.stride) if own else None)
 
 
 def _linspace(stop: float, n: int) -> list:
@@ -250,12 +265,15 @@ class HUNet(nn.Module):
     level_channels = property(lambda self: list(self.config.dec_channels), doc="Output channels per level, finest first.")
     token_channels = property(lambda self: list(self.config.dec_channels), doc="Mask-token channels per level, finest first.")
 
-    def _curves(self, stage: _Stage) -> list:
-        "The curve of every attention block of `stage` for this forward."
+    def _curves(self, stage: _Stage, perms=None) -> list:
+        """The curve of every attention block of `stage` for this forward; with `shuffle_curves`, the next permutation
+        of `perms` (an iterator over draws made by the data pipeline) when it has one of the right length, else drawn."""
         cv = self.config.curves
         if not stage.n_att:
             return []
-        perm = torch.randperm(len(cv)).tolist() if self.config.shuffle_curves else list(range(len(cv)))
+        perm = next(perms, None) if perms is not None and self.config.shuffle_curves else None
+        if perm is None or len(perm) != len(cv):
+            perm = torch.randperm(len(cv)).tolist() if self.config.shuffle_curves else list(range(len(cv)))
         return [cv[perm[j % len(cv)]] for j in range(stage.n_att)]
 
     def _check(self, x):
@@ -264,30 +282,30 @@ class HUNet(nn.Module):
         if x.feats.shape[1] != self.config.in_channels:
             raise MSMError(f"HUNet: expected {self.config.in_channels} input channels, got {x.feats.shape[1]}")
 
-    def encode(self, x: SparseTensor) -> list:
-        "Encoder levels (SparseTensors, finest first)."
+    def encode(self, x: SparseTensor, perms=None) -> list:
+        "Encoder levels (SparseTensors, finest first); `perms` an optional iterator of curve permutations (see `_curves`)."
         self._check(x)
         h = x.replace_feats(self.stem_norm(self.stem(x.feats)))  # (M, C0)
         levels = []
         for lv, stage in enumerate(self.enc):
             if lv:
                 h = self.down[lv - 1](h)  # stride 2**lv
-            h = stage(h, self._curves(stage))
+            h = stage(h, self._curves(stage, perms))
             levels.append(h)
         return levels
 
-    def decode(self, enc: list, full: _Full | None = None) -> list:
+    def decode(self, enc: list, full: _Full | None = None, perms=None) -> list:
         "Decoder levels (finest first) on the encoder's voxel sets, or on the full sets of a masked view."
         L = len(enc)
         h = self._fill(enc[-1].feats, L - 1, full, top=True)
         h = enc[-1].replace_feats(h) if full is None else \
             SparseTensor(h, full.coords[-1], enc[-1].stride, cache=full.cache, check=False)
-        h = self.dec[-1](self.dec_norm(h), self._curves(self.dec[-1]))
+        h = self.dec[-1](self.dec_norm(h), self._curves(self.dec[-1], perms))
         outs = [h]
         for lv in reversed(range(L - 1)):
             up = self.up[lv](h, enc[lv] if full is None else full.coords[lv])  # (M_l, C_l) on the level's voxels
             skip = self._fill(self.skip[lv].project(enc[lv].feats), lv, full, top=False)
-            h = self.dec[lv](up.replace_feats(up.feats * self.skip[lv].gamma + skip), self._curves(self.dec[lv]))
+            h = self.dec[lv](up.replace_feats(up.feats * self.skip[lv].gamma + skip), self._curves(self.dec[lv], perms))
             outs.insert(0, h)
         return outs
 
@@ -301,16 +319,21 @@ class HUNet(nn.Module):
         return out
 
     def forward(self, x: SparseTensor, mask: torch.Tensor | None = None, mask_tokens: list | None = None,
-                insertion: str = "bottom_up"):
-        "Decoder levels finest first; with `mask`, a `MaskedOutput` (levels on the full voxel sets, masked rows)."
+                insertion: str = "bottom_up", curve_perms: list | None = None):
+        """Decoder levels finest first; with `mask`, a `MaskedOutput` (levels on the full voxel sets, masked rows).
+        `curve_perms`: curve permutations drawn by the data pipeline, used in turn by the stages with attention
+        (`shuffle_curves`); None draws them here. Maps, orders and the masked view prepared in x's cache
+        (`prepare_input`) are used, anything missing is built on the fly."""
+        perms = iter(curve_perms) if curve_perms is not None else None
         if mask is None:
-            return self.decode(self.encode(x))
+            return self.decode(self.encode(x, perms), perms=perms)
         full, visible = self._masked_view(x, mask, mask_tokens, insertion)
-        enc = self.encode(visible)
-        full.rows = [full.rows[0]] + [lookup(e.coords, c) for e, c in zip(enc[1:], full.coords[1:])]
-        for lv in range(1, len(enc)):
-            full.masked[lv][full.rows[lv]] = False
-        return MaskedOutput(self.decode(enc, full), full.masked)
+        enc = self.encode(visible, perms)
+        if len(full.rows) < len(enc):  # not prepared: find the encoder's voxels among the full sets now
+            full.rows = [full.rows[0]] + [lookup(e.coords, c) for e, c in zip(enc[1:], full.coords[1:])]
+            for lv in range(1, len(enc)):
+                full.masked[lv][full.rows[lv]] = False
+        return MaskedOutput(self.decode(enc, full, perms), full.masked)
 
     def _masked_view(self, x, mask, mask_tokens, insertion):
         "The full voxel sets of x (cached in x.cache) and x restricted to its visible rows."
@@ -320,13 +343,21 @@ class HUNet(nn.Module):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (len(x),):
             raise MSMError(f"mask must be a bool tensor of shape ({len(x)},) (one entry per voxel of x), "
                            f"got {getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
-        mask = mask.to(x.feats.device)
-        if bool(mask.all()):
-            raise MSMError("mask hides every voxel: the encoder needs at least one visible voxel")
         if mask_tokens is not None:
             if len(mask_tokens) != self.n_levels or any(t.shape != (c,) for t, c in zip(mask_tokens, self.token_channels)):
                 raise MSMError(f"mask_tokens must be {self.n_levels} tensors of shapes {self.token_channels} "
                                f"(finest first), got {[tuple(t.shape) for t in mask_tokens]}")
+        prepared = x.cache.extras.get("masked_view")
+        if prepared is not None and _same(prepared["mask"], mask) and _same(x.cache.coords.get(x.stride), x.coords) \
+                and len(prepared["rows"]) == self.n_levels:  # built by prepare_input (in a DataLoader worker)
+            vis = prepared["visible"]
+            visible = SparseTensor._derived(x.feats.index_select(0, prepared["keep"]), vis.coords[x.stride], x.stride, vis)
+            coords = [x.cache.coords[x.stride * 2**lv] for lv in range(self.n_levels)]
+            return _Full(coords, list(prepared["rows"]), list(prepared["masked"]), mask_tokens, insertion,
+                         x.cache), visible
+        mask = mask.to(x.feats.device)
+        if bool(mask.all()):
+            raise MSMError("mask hides every voxel: the encoder needs at least one visible voxel")
         coords, cache = [x.coords], x.cache
         for lv in range(1, self.n_levels):
             s = x.stride * 2 ** (lv - 1)
@@ -339,6 +370,63 @@ class HUNet(nn.Module):
         masked = [mask.clone()] + [torch.ones(len(c), dtype=torch.bool, device=mask.device) for c in coords[1:]]
         visible = SparseTensor(x.feats.index_select(0, keep), x.coords.index_select(0, keep), x.stride, check=False)
         return _Full(coords, [keep], masked, mask_tokens, insertion, cache), visible
+
+# %% ../nbs/06_hunet.ipynb #7a1c0e02
+def _prepare_levels(coords: torch.Tensor, n_levels: int, stride: int, subm: set, att: set, curves, kernel_size: int,
+                    device_type: str | None) -> SparseCache:
+    "A SparseCache with the voxel sets, per-scene counts, maps (with plans) and curve orders of every level."
+    cache, c = SparseCache(), coords
+    for lv in range(n_levels):
+        s = stride * 2**lv
+        cache.coords[s] = c
+        cache.counts[s] = torch.bincount(c[:, 0].long()).tolist() if len(c) else []
+        if lv in subm:
+            cache.kmaps[(s, kernel_size, 1)] = kernel_map(c, kernel_size).prepare((False,), device_type)
+        for curve in curves if lv in att else ():
+            order, inverse = serialize(c, curve)
+            cache.orders[(s, curve)] = (order, inverse, c[order, 0])
+        if lv + 1 < n_levels:
+            coarse, dkm = downsample(c)
+            cache.kmaps[(s, 2, 2)] = dkm.prepare((False, True), device_type)
+            c = coarse
+    return cache
+
+
+def prepare_input(coords: torch.Tensor, n_levels: int | None = None, mask: torch.Tensor | None = None,
+                  config: HUNetConfig | None = None, stride: int = 1, device_type: str | None = None) -> SparseCache:
+    """The SparseCache a HUNet forward on voxels `coords` (M, 4) needs, built now (e.g. in a DataLoader worker): per
+    level the voxel set, voxels per scene, kernel maps with their plans, down-sampling maps and curve orders; with
+    `mask` (M,) bool also the masked view (visible set prepared the same way, rows, masked rows per level). Use it as
+    `SparseTensor(feats, cache.coords[stride], stride, cache=cache, check=False)`. `device_type` sizes the plans'
+    blocks (default: the device of coords)."""
+    coords = check_coords(coords)
+    if config is not None:
+        n_levels = len(config.channels) if n_levels is None else n_levels
+        curves = config.curves
+        enc, dec = config.layout(), config.layout(decoder=True)
+        subm = {lv for lv in range(n_levels) if "res" in enc[lv] + dec[lv]}
+        att = {lv for lv in range(n_levels) if "att" in enc[lv] + dec[lv]}
+    else:
+        if n_levels is None:
+            raise MSMError("prepare_input needs n_levels or a config")
+        curves, subm, att = CURVES, set(range(n_levels)), {n_levels - 2, n_levels - 1}
+    args = (n_levels, stride, subm, att, curves, 3, device_type)
+    cache = _prepare_levels(coords, *args)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (len(coords),):
+            raise MSMError(f"prepare_input: mask must be a bool tensor of shape ({len(coords)},)")
+        keep = (~mask).nonzero().squeeze(1)  # (M_visible,)
+        if len(keep) == 0:
+            raise MSMError("mask hides every voxel: the encoder needs at least one visible voxel")
+        vis = _prepare_levels(coords.index_select(0, keep), *args)
+        rows, masked = [keep], [mask.clone()]
+        for lv in range(1, n_levels):
+            s = stride * 2**lv
+            rows.append(lookup(vis.coords[s], cache.coords[s]))  # (M_vis_l,) row of each encoder voxel in the full set
+            masked.append(torch.ones(len(cache.coords[s]), dtype=torch.bool, device=coords.device).index_fill_(
+                0, rows[-1], False))
+        cache.extras["masked_view"] = {"mask": mask, "keep": keep, "visible": vis, "rows": rows, "masked": masked}
+    return cache
 
 # %% ../nbs/06_hunet.ipynb #a47a1ced
 def random_backbone(config: HUNetConfig | str = "tiny", seed: int = 0, device: str | None = None) -> HUNet:

@@ -135,6 +135,31 @@ class KernelMap:
         "Index of the identity offset of a submanifold map (None for down maps)."
         return len(self.offsets) // 2 if self.kind == "subm" else None
 
+    def prepare(self, transposed: tuple = (False,), device_type: str | None = None) -> KernelMap:
+        "Build the execution plans of the given directions now (e.g. in a DataLoader worker) instead of at first use."
+        for t in transposed:
+            _get_plan(self, t, device_type)
+        return self
+
+    def to(self, device, memo: dict | None = None) -> KernelMap:
+        "The map (pairs, coords, plans) on `device`; tensors shared inside `memo` stay shared (same object moved once)."
+        memo = {} if memo is None else memo
+        mv = lambda t: _move(t, device, memo)
+        km = KernelMap([mv(t) for t in self.in_idx], [mv(t) for t in self.out_idx], mv(self.offsets), self.n_in,
+                       self.n_out, mv(self.in_coords), mv(self.out_coords), self.kind, mv(self.parent))
+        km._plans = {k: _move(p, device, memo) if isinstance(p, torch.Tensor) else p.to(device, memo)
+                     for k, p in self._plans.items()}  # plans of this engine, tables of other engines
+        return km
+
+
+def _move(t, device, memo: dict):
+    "t on `device`, moved once per distinct tensor of `memo` (so tensors that were the same object stay the same)."
+    if t is None:
+        return None
+    if id(t) not in memo:
+        memo[id(t)] = (t, t.to(device, non_blocking=True))  # the source is kept alive so its id cannot be reused
+    return memo[id(t)][1]
+
 
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     "t[idx] along dim 0 through index_select (several times faster than advanced indexing on CPU)."
@@ -247,7 +272,7 @@ def downsample(coords: torch.Tensor, stride: int = 2) -> tuple[torch.Tensor, Ker
     return out_coords, km
 
 # %% ../nbs/03a_kernel_maps.ipynb #b9c415b8
-_BLOCK_PAIRS = 16384  # pairs per block on CPU: buffers of 16k x C floats stay in cache
+_BLOCK_PAIRS = 131072  # pairs per block on CPU: few enough blocks that per-op overhead stays small (measured)
 _BLOCK_PAIRS_CUDA = 1 << 20  # on GPUs few large blocks (each block costs kernel launches)
 
 
@@ -255,32 +280,49 @@ _BLOCK_PAIRS_CUDA = 1 << 20  # on GPUs few large blocks (each block costs kernel
 class _Plan:
     "Pairs of a map in execution order: blocks of consecutive destination rows; in a block by (offset, destination)."
     src: torch.Tensor  # (P,) int32 source rows, execution order
-    dst: torch.Tensor  # (P,) int32 destination rows, execution order
     blocks: list  # (e0, e1, r0, r1, [(k, s, e)], bag_idx int32 (e1 - e0,), bag_off int32 (r1 - r0,))
     covers: bool  # every destination row has at least one pair
     single: bool  # every destination row has exactly one pair (no sum needed)
+    block_pairs: int = _BLOCK_PAIRS  # the block size it was built for (CPU or CUDA)
+
+    def to(self, device, memo: dict | None = None) -> _Plan:
+        "The plan on `device` (block boundaries are Python ints and travel as they are)."
+        memo = {} if memo is None else memo
+        mv = lambda t: _move(t, device, memo)
+        blocks = [(e0, e1, r0, r1, segs, mv(bi), mv(bo)) for e0, e1, r0, r1, segs, bi, bo in self.blocks]
+        return _Plan(mv(self.src), blocks, self.covers, self.single, self.block_pairs)
 
 
-def _build_plan(src_list, dst_list, n_dst: int, skip: int | None = None) -> _Plan:
-    "The execution plan of `out[dst] += feats[src] @ kernel[k]` over per-offset pair lists (offset `skip` left out)."
+def _block_pairs(device_type: str) -> int:
+    return _BLOCK_PAIRS if device_type == "cpu" else _BLOCK_PAIRS_CUDA
+
+
+def _build_plan(src_list, dst_list, n_dst: int, skip: int | None = None, device_type: str | None = None) -> _Plan:
+    """The execution plan of `out[dst] += feats[src] @ kernel[k]` over per-offset pair lists (offset `skip` left out),
+    in blocks sized for `device_type` (default: the device of the lists)."""
     ks = [k for k in range(len(src_list)) if k != skip and len(src_list[k])]
     dev = src_list[0].device
+    block_pairs = _block_pairs(device_type or dev.type)
     if not ks or n_dst == 0:
         e = torch.zeros(0, dtype=torch.int32, device=dev)
-        return _Plan(e, e, [], n_dst == 0, False)
-    lens = torch.tensor([len(src_list[k]) for k in ks], device=dev)
-    nk, P = len(ks), int(lens.sum())
+        return _Plan(e, [], n_dst == 0, False, block_pairs)
+    lens_py = [len(src_list[k]) for k in ks]  # lengths are shapes: no host sync
+    lens = torch.tensor(lens_py, device=dev)
+    nk, P = len(ks), sum(lens_py)
     src, dst = torch.cat([src_list[k] for k in ks]), torch.cat([dst_list[k] for k in ks])  # (P,) offset-major
-    kk = torch.repeat_interleave(torch.arange(nk, device=dev), lens)  # (P,) offset slot of every pair
-    count = torch.bincount(dst, minlength=n_dst)  # (n_dst,) pairs per destination row
+    kk = torch.repeat_interleave(torch.arange(nk, device=dev), lens, output_size=P)  # (P,) offset slot of every pair
+    count = torch.zeros(n_dst, dtype=torch.int64, device=dev).index_add_(0, dst, torch.ones_like(dst))  # pairs per row
     row_start = count.cumsum(0) - count  # first pair of each row in (destination, offset) order
-    block_of_row = torch.div(row_start, _BLOCK_PAIRS if dev.type == "cpu" else _BLOCK_PAIRS_CUDA, rounding_mode="floor")
+    block_of_row = torch.div(row_start, block_pairs, rounding_mode="floor")
     nb = int(block_of_row[-1]) + 1
     r_bounds = torch.searchsorted(block_of_row, torch.arange(nb + 1, device=dev)).tolist()
     group = _take(block_of_row, dst) * nk + kk  # (P,) (block, offset) of every pair
-    gcount = torch.bincount(group, minlength=nb * nk)
+    gcount = torch.zeros(nb * nk, dtype=torch.int64, device=dev).index_add_(0, group, torch.ones_like(group))
     gstart = gcount.cumsum(0) - gcount  # where each (block, offset) group starts in execution order
-    if all(bool((dst_list[k][1:] > dst_list[k][:-1]).all()) for k in ks):  # lists sorted by destination
+    ends = lens.cumsum(0)[:-1]  # (nk - 1,) first pair of every list but the first
+    rising = dst[1:] > dst[:-1]  # (P - 1,)
+    rising[ends - 1] = True  # a new list may start anywhere
+    if bool(rising.all()):  # every list sorted by destination: one check for all offsets
         gk = gcount.view(nb, nk)
         first = ((gk.cumsum(0) - gk) + (lens.cumsum(0) - lens)).view(-1)  # first pair of each group in the lists
         pos_e = _take(gstart - first, group) + torch.arange(P, device=dev)
@@ -288,9 +330,8 @@ def _build_plan(src_list, dst_list, n_dst: int, skip: int | None = None) -> _Pla
         pos_e = torch.empty(P, dtype=torch.int64, device=dev)
         pos_e.scatter_(0, torch.argsort(group * n_dst + dst), torch.arange(P, device=dev))
     src_e = torch.empty(P, dtype=torch.int32, device=dev).scatter_(0, pos_e, src.int())
-    dst_e = torch.empty(P, dtype=torch.int32, device=dev).scatter_(0, pos_e, dst.int())
     pos_b, cursor, s = torch.empty_like(pos_e), row_start.clone(), 0  # position in (destination, offset) order
-    for k, n in zip(ks, lens.tolist()):
+    for k, n in zip(ks, lens_py):
         p = _take(cursor, dst_list[k])
         pos_b[s:s + n] = p
         cursor.scatter_(0, dst_list[k], p + 1)
@@ -306,15 +347,18 @@ def _build_plan(src_list, dst_list, n_dst: int, skip: int | None = None) -> _Pla
                 segs.append((ks[j], s, s + n))
                 s += n
         blocks.append((e0, e1, r0, r1, segs, (bag[e0:e1] - e0).int(), (row_start[r0:r1] - e0).int()))
-    cmin, cmax = int(count.min()), int(count.max())
-    return _Plan(src_e, dst_e, blocks, cmin >= 1, cmin == cmax == 1)
+    cmin, cmax = torch.aminmax(count)
+    cmin, cmax = torch.stack([cmin, cmax]).tolist()
+    return _Plan(src_e, blocks, cmin >= 1, cmin == cmax == 1, block_pairs)
 
 
-def _get_plan(kmap: KernelMap, transposed: bool) -> _Plan:
-    "The (cached) plan of a map run forward (in -> out) or transposed (out -> in)."
+def _get_plan(kmap: KernelMap, transposed: bool, device_type: str | None = None) -> _Plan:
+    """The (cached) plan of a map run forward (in -> out) or transposed (out -> in). A plan prepared elsewhere (a
+    DataLoader worker) is used as it is, whatever its block size: blocks hold whole destination rows and each
+    row sums its pairs in the same order (products of other sizes may round differently inside the BLAS)."""
     if transposed not in kmap._plans:
         src, dst, n = (kmap.out_idx, kmap.in_idx, kmap.n_in) if transposed else (kmap.in_idx, kmap.out_idx, kmap.n_out)
-        kmap._plans[transposed] = _build_plan(src, dst, n, kmap.center)
+        kmap._plans[transposed] = _build_plan(src, dst, n, kmap.center, device_type)
     return kmap._plans[transposed]
 
 
@@ -340,17 +384,15 @@ def _run(plan: _Plan, feats, kernel, out, fresh: bool = False):
     return out
 
 
-def _grad_kernel(plan: _Plan, feats, grad_out, grad_kernel):
-    "grad_kernel[k] += feats[src]^T @ grad_out[dst] over the plan's pairs (in place)."
-    if not plan.blocks:
-        return grad_kernel
-    pmax = max(b[1] - b[0] for b in plan.blocks)
-    gbuf, hbuf = feats.new_empty(pmax, feats.shape[1]), feats.new_empty(pmax, grad_out.shape[1])
-    for e0, e1, _, _, segs, _, _ in plan.blocks:
-        g = torch.index_select(feats, 0, plan.src[e0:e1], out=gbuf[:e1 - e0])
-        h = torch.index_select(grad_out, 0, plan.dst[e0:e1], out=hbuf[:e1 - e0])
-        for k, s, e in segs:
-            grad_kernel[k].addmm_(g[s:e].t(), h[s:e])
+def _grad_kernel_by_offset(kmap: KernelMap, transposed: bool, feats, grad_out, grad_kernel):
+    "grad_kernel[k] += feats[src_k]^T @ grad_out[dst_k] straight from the map's per-offset lists (chunks of _BLOCK_PAIRS)."
+    src, dst = (kmap.out_idx, kmap.in_idx) if transposed else (kmap.in_idx, kmap.out_idx)
+    chunk = _block_pairs(feats.device.type)
+    for k in range(len(src)):
+        if k == kmap.center:
+            continue
+        for s in range(0, len(src[k]), chunk):
+            grad_kernel[k].addmm_(_take(feats, src[k][s:s + chunk]).t(), _take(grad_out, dst[k][s:s + chunk]))
     return grad_kernel
 
 
@@ -413,7 +455,7 @@ def _torch_grads(kmap, transposed, feats, kernel, grad_out, needs):
         grad_kernel = torch.zeros_like(kernel)
         if c is not None:
             torch.mm(feats.t(), grad_out, out=grad_kernel[c])
-        _grad_kernel(_get_plan(kmap, transposed), feats, grad_out, grad_kernel)
+        _grad_kernel_by_offset(kmap, transposed, feats, grad_out, grad_kernel)  # one product per offset
     return grad_feats, grad_kernel
 
 

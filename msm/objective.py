@@ -15,16 +15,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import ConfigBase, MSMError
-from .hunet import HUNet, HUNetConfig
+from .hunet import HUNet, HUNetConfig, prepare_input
 from .kernel_maps import lookup
 from .masking import MaskConfig
-from .sparse import SparseTensor
+from .serialize import CURVES
+from .sparse import SparseCache, SparseTensor, _move_any, _same
 from .transforms import SphereCrop, Transform, two_views
 from .voxelize import voxelize_scene
 
 # %% auto #0
-__all__ = ['match_views', 'ObjectiveConfig', 'ema_momentum', 'normalise_targets', 'feature_loss', 'PairSampler', 'collate_pairs',
-           'EMATeacher', 'MaskedSceneModel']
+__all__ = ['match_views', 'ObjectiveConfig', 'ema_momentum', 'normalise_targets', 'feature_loss', 'PairSampler', 'StepPlan',
+           'collate_pairs', 'EMATeacher', 'MaskedSceneModel']
 
 # %% ../nbs/08_objective.ipynb #3b3b31fc
 def _level_ids(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +108,7 @@ def normalise_targets(feats: torch.Tensor, batch: torch.Tensor, n_items: int, ki
         return F.layer_norm(feats, feats.shape[-1:], eps=eps)  # (M, C)
     if kind == "batch":
         b = batch.long()
-        cnt = torch.bincount(b, minlength=n_items).clamp_min(1).to(feats.dtype).unsqueeze(1)  # (B, 1)
+        cnt = feats.new_zeros(n_items).index_add_(0, b, feats.new_ones(len(b))).clamp_min(1).unsqueeze(1)  # (B, 1)
         mean = feats.new_zeros(n_items, feats.shape[1]).index_add_(0, b, feats) / cnt  # (B, C)
         var = feats.new_zeros(n_items, feats.shape[1]).index_add_(0, b, (feats - mean[b]) ** 2) / cnt
         return (feats - mean[b]) / torch.sqrt(var[b] + eps)  # (M, C)
@@ -132,6 +133,13 @@ class PairSampler:
     mask: MaskConfig  # patch size and ratio schedule
     symmetric: bool = False  # also emit the reverse direction (ObjectiveConfig.symmetric)
     shared_crop: int | None = None  # crop this many points once, before the two views (None: crops per view only)
+    prepare: bool = True  # the worker also builds what the network's forward needs (maps, orders: `collate_pairs`)
+    model: HUNetConfig | None = None  # the network the batches are for (what to prepare; None: see `prepare_input`)
+    plan_device: str | None = None  # "cpu" | "cuda": the device whose block sizes the plans use (None: "cuda" if available)
+
+    def __post_init__(self):
+        if self.plan_device is None:  # resolved where the sampler is built (the main process), not in the workers
+            self.plan_device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __call__(self, scene: dict, rng: np.random.Generator, step: int = 0, total_steps: int = 1) -> list[dict]:
         if self.shared_crop is not None:
@@ -145,6 +153,12 @@ class PairSampler:
         items = [self._item(vox_a, vox_b, step, total_steps, gen)]
         if self.symmetric:
             items.append(self._item(vox_b, vox_a, step, total_steps, gen))
+        if self.prepare:  # the curve orders of this step's forwards, drawn here from the sample's stream
+            n = len(self.model.curves if self.model is not None else CURVES)
+            items[0]["curve_perms"] = {who: [torch.randperm(n, generator=gen).tolist() for _ in range(2 * self.n_levels)]
+                                       for who in ("student", "teacher")}
+            for it in items:
+                it["prepare"] = (self.model, self.plan_device)
         return items
 
     def _item(self, s: dict, t: dict, step: int, total_steps: int, gen: torch.Generator) -> dict:
@@ -156,6 +170,39 @@ class PairSampler:
         return {"student": (s["grid_coord"], s["feat"]), "teacher": (t["grid_coord"], t["feat"]), "mask": mask,
                 "pairs": [(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(w)) for a, b, w in pairs],
                 "n_points": len(s["inverse"]) + len(t["inverse"])}
+
+
+class StepPlan:
+    """What a DataLoader worker prepares for one training step of a collated batch, so that the step dispatches no
+    data-dependent op: `student` and `teacher`, the `SparseCache`s of the two inputs (`msm.hunet.prepare_input`: maps
+    and plans of every level, curve orders, the student's masked view), and `loss`, the rows of the loss of every
+    level {(level, "masked" | "all"): dict}. Picklable; `to(device)` moves it with shared tensors kept shared."""
+
+    def __init__(self, student: SparseCache, teacher: SparseCache, loss: dict):
+        self.student, self.teacher, self.loss = student, teacher, loss
+
+    @classmethod
+    def build(cls, batch: dict, config: HUNetConfig | None = None, device_type: str | None = None) -> StepPlan:
+        """The plan of a batch of `collate_pairs` for a network of `config` (None: the default layout, see
+        prepare_input), its convolution plans in blocks sized for `device_type` (default: the batch's device)."""
+        n_levels = len(batch["pairs_student"])
+        student = prepare_input(batch["student_coords"], n_levels, batch["mask"], config, device_type=device_type)
+        teacher = prepare_input(batch["teacher_coords"], n_levels, None, config, device_type=device_type)
+        mv = student.extras.get("masked_view")
+        loss = {}
+        for lv in range(n_levels):
+            s_coords, t_coords = student.coords[2**lv], teacher.coords[2**lv]
+            for variant in ("all", "masked") if mv is not None else ("all",):
+                loss[(lv, variant)] = _loss_rows(batch, lv, s_coords, t_coords, mv["masked"][lv] if mv else None,
+                                                 variant == "masked", int(batch["n_items"]))
+        return cls(student, teacher, loss)
+
+    def to(self, device) -> StepPlan:
+        memo = {}
+        return StepPlan(self.student.to(device, memo), self.teacher.to(device, memo), _move_any(self.loss, device, memo))
+
+    def __repr__(self):
+        return f"StepPlan(student={self.student}, teacher={self.teacher}, loss levels={len(self.loss)})"
 
 
 def _batched(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -177,7 +224,7 @@ def collate_pairs(samples: list) -> dict:
     n_levels = len(items[0]["pairs"])
     masks = [it["mask"] if it["mask"] is not None else torch.zeros(len(it["student"][0]), dtype=torch.bool)
              for it in items]
-    return {"student_coords": _batched([it["student"][0] for it in items]),  # (Ms, 4)
+    batch = {"student_coords": _batched([it["student"][0] for it in items]),  # (Ms, 4)
             "student_feats": torch.cat([it["student"][1] for it in items]),  # (Ms, 6)
             "teacher_coords": _batched([it["teacher"][0] for it in items]),  # (Mt, 4)
             "teacher_feats": torch.cat([it["teacher"][1] for it in items]),  # (Mt, 6)
@@ -186,6 +233,11 @@ def collate_pairs(samples: list) -> dict:
             "pairs_teacher": [_batched([it["pairs"][lv][1] for it in items]) for lv in range(n_levels)],  # (K_l, 4)
             "pair_weights": [torch.cat([it["pairs"][lv][2] for it in items]) for lv in range(n_levels)],  # (K_l,)
             "n_items": len(items), "n_points": sum(it["n_points"] for it in items)}
+    if "curve_perms" in items[0]:
+        batch["curve_perms"] = items[0]["curve_perms"]
+    if "prepare" in items[0]:  # in the DataLoader worker: maps, plans, orders and loss rows of this very batch
+        batch["plan"] = StepPlan.build(batch, *items[0]["prepare"])
+    return batch
 
 # %% ../nbs/08_objective.ipynb #43fe874b
 class EMATeacher:
@@ -233,6 +285,23 @@ def _rows(query: torch.Tensor, table: torch.Tensor, what: str) -> torch.Tensor:
     return rows
 
 
+def _loss_rows(batch: dict, lv: int, s_coords, t_coords, masked, masked_only: bool, n_items: int) -> dict:
+    """Rows of level `lv`'s loss: matched pairs (student row, teacher row, weight), masked student voxels only when
+    `masked_only`; the distinct student voxels, each pair's voxel, the scene of each voxel and voxels per scene."""
+    dev = s_coords.device
+    rows_s = _rows(batch["pairs_student"][lv].to(dev), s_coords, "student")  # (K,)
+    rows_t = _rows(batch["pairs_teacher"][lv].to(dev), t_coords, "teacher")  # (K,)
+    w = batch["pair_weights"][lv].to(dev)  # (K,)
+    if masked_only:  # pairs of masked student voxels only
+        keep = masked[rows_s]
+        rows_s, rows_t, w = rows_s[keep], rows_t[keep], w[keep]
+    voxels, inv = torch.unique(rows_s, return_inverse=True)  # (V,), (K,)
+    b = s_coords[voxels, 0].long()  # (V,) scene of each voxel
+    counts = torch.zeros(n_items, dtype=torch.int64, device=dev).index_add_(0, b, torch.ones_like(b)).clamp_min(1)
+    return {"s_coords": s_coords, "t_coords": t_coords, "rows_s": rows_s, "rows_t": rows_t, "w": w, "voxels": voxels,
+            "inv": inv, "b": b, "counts": counts, "n_vox": len(voxels)}
+
+
 class MaskedSceneModel(EMATeacher, nn.Module):
     "Student HUNet + EMA teacher + per-level mask tokens and predictor heads; `forward(batch)` -> dict of losses."
 
@@ -261,19 +330,28 @@ class MaskedSceneModel(EMATeacher, nn.Module):
 
     def forward(self, batch: dict) -> dict:
         cfg, n_items = self.config, int(batch["n_items"])
-        xs = SparseTensor(batch["student_feats"], batch["student_coords"])
+        plan, perms = batch.get("plan"), batch.get("curve_perms") or {}
         mask = batch.get("mask")
+        if plan is not None:  # prepared by the DataLoader worker (StepPlan): maps, orders, masked view, loss rows
+            xs = SparseTensor(batch["student_feats"], plan.student.coords[1], cache=plan.student, check=False)
+            xt = SparseTensor(batch["teacher_feats"], plan.teacher.coords[1], cache=plan.teacher, check=False)
+            mv = plan.student.extras.get("masked_view")
+            mask = mv["mask"] if mask is not None and mv is not None else mask
+        else:
+            xs = SparseTensor(batch["student_feats"], batch["student_coords"])
+            xt = SparseTensor(batch["teacher_feats"], batch["teacher_coords"])
         if mask is None:  # no masking: every matched voxel is in the loss
-            outs, masked = self.student(xs), None
+            outs, masked = self.student(xs, curve_perms=perms.get("student")), None
         else:  # encoder on the visible voxels, decoder on the full sets with the mask tokens
-            outs, masked = self.student(xs, mask=mask, mask_tokens=list(self.mask_tokens), insertion=cfg.mask_insertion)
+            outs, masked = self.student(xs, mask=mask, mask_tokens=list(self.mask_tokens), insertion=cfg.mask_insertion,
+                                        curve_perms=perms.get("student"))
         with torch.no_grad():
-            touts = self.teacher(SparseTensor(batch["teacher_feats"], batch["teacher_coords"]))
+            touts = self.teacher(xt, curve_perms=perms.get("teacher"))
         total = xs.feats.new_zeros((), dtype=torch.float32)
         res = {}
         for lv in self.loss_levels():
             scene_loss, n_vox = self._level_loss(lv, outs[lv], touts[lv], None if masked is None else masked[lv],
-                                                 batch, n_items)
+                                                 batch, n_items, plan)
             level_loss = scene_loss.sum() / n_items
             total = total + self.level_weights[lv] * level_loss
             res[f"loss_l{lv}"], res[f"voxels_l{lv}"] = level_loss.detach(), n_vox
@@ -281,29 +359,25 @@ class MaskedSceneModel(EMATeacher, nn.Module):
         return res
 
     def _level_loss(self, lv: int, s: SparseTensor, t: SparseTensor, masked: torch.Tensor | None, batch: dict,
-                    n_items: int) -> tuple[torch.Tensor, int]:
+                    n_items: int, plan: StepPlan | None = None) -> tuple[torch.Tensor, int]:
         "Per-scene mean loss (B,) at level `lv` and the number of voxels in it."
-        dev = s.feats.device
-        rows_s = _rows(batch["pairs_student"][lv].to(dev), s.coords, "student")  # (K,)
-        rows_t = _rows(batch["pairs_teacher"][lv].to(dev), t.coords, "teacher")  # (K,)
-        w = batch["pair_weights"][lv].to(dev)  # (K,)
         vis_w = self.config.visible_weight if masked is not None else 1.0  # without masking every voxel counts
-        if vis_w == 0:  # pairs of masked student voxels only
-            keep = masked[rows_s]
-            rows_s, rows_t, w = rows_s[keep], rows_t[keep], w[keep]
+        variant = "masked" if vis_w == 0 else "all"
+        r = plan.loss.get((lv, variant)) if plan is not None else None
+        if r is None or not (_same(r["s_coords"], s.coords) and _same(r["t_coords"], t.coords)):
+            r = _loss_rows(batch, lv, s.coords, t.coords, masked, vis_w == 0, n_items)  # not prepared: now
+        rows_s, rows_t, w, voxels, inv, b = r["rows_s"], r["rows_t"], r["w"], r["voxels"], r["inv"], r["b"]
         tf = normalise_targets(t.feats.float(), t.coords[:, 0], n_items, self.config.target_norm)  # (Mt, C)
-        voxels, inv = torch.unique(rows_s, return_inverse=True)  # (V,), (K,)
         num = tf.new_zeros(len(voxels), tf.shape[1]).index_add_(0, inv, tf[rows_t] * w.unsqueeze(1))  # (V, C)
         den = tf.new_zeros(len(voxels)).index_add_(0, inv, w)  # (V,)
         target = num / den.unsqueeze(1)  # (V, C) scatter-mean over the shared points
         pred = self.heads[lv](s.feats[voxels]).float()  # (V, C)
         per_voxel = feature_loss(pred, target, self.config.loss, self.config.smooth_l1_beta)  # (V,)
-        b = s.coords[voxels, 0].long()  # (V,) scene of each voxel
         if vis_w in (0, 1):  # plain mean over the voxels in the loss
             sums = per_voxel.new_zeros(n_items).index_add_(0, b, per_voxel)  # (B,)
-            counts = torch.bincount(b, minlength=n_items).clamp_min(1)  # (B,)
+            counts = r["counts"]  # (B,) voxels per scene, at least 1
         else:  # weighted mean: masked voxels weigh 1, visible ones vis_w
             vw = torch.where(masked[voxels], 1.0, vis_w).to(per_voxel.dtype)  # (V,)
             sums = per_voxel.new_zeros(n_items).index_add_(0, b, per_voxel * vw)  # (B,)
             counts = per_voxel.new_zeros(n_items).index_add_(0, b, vw).clamp_min(1e-12)  # (B,)
-        return sums / counts, len(voxels)
+        return sums / counts, r["n_vox"]

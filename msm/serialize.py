@@ -6,6 +6,8 @@ sliding-window multi-head attention along that line, with memory linear in the n
 # %% ../nbs/05_serialize.ipynb #e82c361a
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 
 import torch
@@ -109,7 +111,7 @@ def _block_attention(q, k, v, allowed, dropout_p, scale):
     return o[0].transpose(0, 1)
 
 
-def _flash(q, k, v, batch, window, dropout_p, scale):
+def _flash(q, k, v, batch, window, dropout_p, scale, scene_counts=None):
     "flash-attn's varlen kernel, or None when it does not apply here."
     if not q.is_cuda:
         return None
@@ -117,17 +119,45 @@ def _flash(q, k, v, batch, window, dropout_p, scale):
         from flash_attn import flash_attn_varlen_func
     except ImportError:
         return None
-    counts = torch.bincount(batch.long())
-    cu = F.pad(counts.cumsum(0), (1, 0)).int()  # (B+1,)
+    if scene_counts is not None:  # prepared: no read-back
+        cu = torch.tensor([0] + list(itertools.accumulate(scene_counts)), dtype=torch.int32).to(q.device)
+        longest = max(scene_counts)
+    else:
+        counts = torch.bincount(batch.long())
+        cu = F.pad(counts.cumsum(0), (1, 0)).int()  # (B+1,)
+        longest = int(counts.max())
     half = window // 2
-    return flash_attn_varlen_func(q, k, v, cu, cu, int(counts.max()), int(counts.max()), dropout_p=dropout_p,
+    return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout_p=dropout_p,
                                   softmax_scale=scale, window_size=(half, half))
+
+
+def _blocks_from_counts(scene_counts, M: int, block: int, half: int) -> list:
+    "(s, e, a, b, full) of every query block from the per-scene token counts (Python ints): no device work."
+    starts = [0] + list(itertools.accumulate(scene_counts))  # (B + 1,) scene boundaries
+    if starts[-1] != M:
+        raise MSMError(f"window_attention: scene_counts add up to {starts[-1]}, not to the {M} tokens")
+
+    def first(i):
+        return starts[bisect.bisect_right(starts, i) - 1]
+
+    def last(i):
+        return starts[bisect.bisect_right(starts, i)]
+
+    out = []
+    for s in range(0, M, block):
+        e = min(s + block, M)
+        a, b = max(first(s), s - half), min(last(e - 1), e + half)
+        out.append((s, e, a, b, first(a) == first(b - 1) and b - 1 - s <= half and e - 1 - a <= half))
+    return out
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: torch.Tensor | None, window: int,
                      dropout_p: float = 0.0, fp16_qkv: bool = False, block: int | None = None,
-                     recompute: bool | None = None, use_flash: bool | None = None) -> torch.Tensor:
-    "Sliding-window attention (M, H, D): token i sees j with |i - j| <= window // 2 in its scene (`batch` (M,) grouped ids)."
+                     recompute: bool | None = None, use_flash: bool | None = None,
+                     scene_counts: list | None = None) -> torch.Tensor:
+    """Sliding-window attention (M, H, D): token i sees j with |i - j| <= window // 2 in its scene (`batch` (M,) grouped
+    ids). `scene_counts` (tokens per scene, Python ints, as a DataLoader worker can prepare them) lets the blocks be
+    planned on the host, without reading `batch` back from the device."""
     if q.ndim != 3 or k.shape != q.shape or v.shape != q.shape:
         raise MSMError(f"q, k, v must all have shape (M, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     M, H, D = q.shape
@@ -136,7 +166,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: t
     batch = torch.zeros(M, dtype=torch.long, device=q.device) if batch is None else batch.to(q.device).long()
     if batch.shape != (M,):
         raise MSMError(f"batch must hold one scene id per token, shape ({M},), got {tuple(batch.shape)}")
-    if M > 1 and bool((batch[1:] < batch[:-1]).any()):
+    if scene_counts is None and M > 1 and bool((batch[1:] < batch[:-1]).any()):
         raise MSMError("window_attention: tokens must be grouped by scene (non-decreasing batch ids)")
     dtype, scale, half = q.dtype, 1.0 / math.sqrt(D), window // 2
     if M == 0:
@@ -144,14 +174,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: t
     if fp16_qkv:  # the official layer hands fp16 q, k, v to flash-attn
         q, k, v = (t.to(torch.float16) for t in (q, k, v))
     if use_flash is not False and (fp16_qkv or q.dtype in (torch.float16, torch.bfloat16)):
-        out = _flash(q, k, v, batch, window, dropout_p, scale)
+        out = _flash(q, k, v, batch, window, dropout_p, scale, scene_counts)
         if out is not None:
             return out.to(dtype)
         if use_flash:
             raise MSMError("use_flash=True needs CUDA tensors and the flash_attn package")
     if fp16_qkv:
         q, k, v = q.float(), k.float(), v.float()  # compute in fp32 from fp16-rounded inputs
-    first, last = _scene_bounds(batch)  # (M,) scene range of every token
     if block is None:  # queries per block: (H, block, block + window) scores of about 4M (CPU) / 64M (GPU) floats
         budget = 2**22 if q.device.type == "cpu" else 2**26
         block = max(16, int((-window + math.sqrt(window**2 + 4 * budget / H)) / 2))
@@ -160,13 +189,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: t
     if recompute is None:  # where SDPA falls back to its math kernel, it keeps every block's probabilities
         recompute = (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
                      and (dropout_p > 0 or q.device.type != "cpu"))
-    s0 = torch.arange(0, M, block, device=q.device)  # (n_blocks,) first query of every block
-    e0 = (s0 + block).clamp(max=M)
-    k0 = torch.maximum(first[s0], s0 - half)  # key range of every block, clipped to its scenes
-    k1 = torch.minimum(last[e0 - 1], e0 + half)
-    full = (first[k0] == first[k1 - 1]) & (k1 - 1 - s0 <= half) & (e0 - 1 - k0 <= half)  # every pair allowed
+    if scene_counts is not None:
+        blocks = _blocks_from_counts(scene_counts, M, block, half)
+    else:
+        first, last = _scene_bounds(batch)  # (M,) scene range of every token
+        s0 = torch.arange(0, M, block, device=q.device)  # (n_blocks,) first query of every block
+        e0 = (s0 + block).clamp(max=M)
+        k0 = torch.maximum(first[s0], s0 - half)  # key range of every block, clipped to its scenes
+        k1 = torch.minimum(last[e0 - 1], e0 + half)
+        full = (first[k0] == first[k1 - 1]) & (k1 - 1 - s0 <= half) & (e0 - 1 - k0 <= half)  # every pair allowed
+        blocks = zip(*(t.tolist() for t in (s0, e0, k0, k1, full)))  # one host sync for all blocks
     outs = []
-    for s, e, a, b, f in zip(*(t.tolist() for t in (s0, e0, k0, k1, full))):  # one host sync for all blocks
+    for s, e, a, b, f in blocks:
         allowed = None
         if not f:
             i = torch.arange(s, e, device=q.device)[:, None]

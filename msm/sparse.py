@@ -16,6 +16,7 @@ from torch import nn
 
 from msm.kernel_maps import (
     KernelMap,
+    _move,
     check_coords,
     compute_dtype,
     downsample,
@@ -45,16 +46,52 @@ class SparseCache:
     - `kmaps[(stride, kernel_size, conv_stride)]`: the `KernelMap` built on `coords[stride]`; submanifold maps
       have `conv_stride=1`, down-sampling maps (kernel 2, stride 2) `conv_stride=2` and are reused, reversed, by
       the transposed convolution that goes back from `2 * stride` to `stride`.
-    - `extras`: backend state (the torchsparse backend keeps its own cache there).
+    - `orders[(stride, curve)]`: (order, inverse, batch ids in curve order) of the level's voxels along a
+      space-filling curve (`msm.serialize.serialize`), for the attention blocks.
+    - `counts[stride]`: voxels per scene of the level, a list of Python ints (lets attention and drop path plan
+      their work without reading the device).
+    - `extras`: backend state (the torchsparse backend keeps its own cache there) and what a DataLoader worker
+      prepared for a masked forward (`"masked_view"`, see `msm.hunet.prepare_input`).
+
+    A cache filled ahead of time (in a DataLoader worker) travels with the batch: it pickles, and `to(device)`
+    moves it with every tensor that was one object still one object (the cache is found by identity).
     """
 
     def __init__(self):
         self.coords: dict[int, torch.Tensor] = {}
         self.kmaps: dict[tuple, KernelMap] = {}
+        self.orders: dict[tuple, tuple] = {}
+        self.counts: dict[int, list] = {}
         self.extras: dict[str, object] = {}
 
     def __repr__(self):
-        return f"SparseCache(strides={sorted(self.coords)}, kmaps={sorted(self.kmaps)})"
+        return f"SparseCache(strides={sorted(self.coords)}, kmaps={sorted(self.kmaps)}, orders={sorted(self.orders)})"
+
+    def to(self, device, memo: dict | None = None) -> SparseCache:
+        "The cache on `device` (coords, maps with their plans, curve orders, prepared extras); backend state is dropped."
+        memo = {} if memo is None else memo
+        out = SparseCache()
+        out.coords = {s: _move(c, device, memo) for s, c in self.coords.items()}
+        out.kmaps = {k: km.to(device, memo) for k, km in self.kmaps.items()}
+        out.orders = {k: tuple(_move(t, device, memo) for t in v) for k, v in self.orders.items()}
+        out.counts = dict(self.counts)
+        out.extras = {k: _move_any(v, device, memo) for k, v in self.extras.items() if k != "torchsparse"}
+        return out
+
+
+def _move_any(obj, device, memo: dict):
+    "Tensors, caches and maps inside nested dicts / lists / tuples moved with `memo`; other values as they are."
+    if isinstance(obj, torch.Tensor):
+        return _move(obj, device, memo)
+    if isinstance(obj, (SparseCache, KernelMap)):
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device, memo))
+        return memo[id(obj)][1]
+    if isinstance(obj, dict):
+        return {k: _move_any(v, device, memo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_move_any(v, device, memo) for v in obj)
+    return obj
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -392,6 +429,14 @@ class ReLU(nn.ReLU):
         return _on_feats(x, super().forward)
 
 
+def _scenes(x: SparseTensor) -> int | None:
+    "1 + the largest batch index of x, from the prepared per-scene counts of its level (None when not prepared)."
+    counts = x.cache.counts.get(x.stride)
+    if counts is None or not _same(x.cache.coords.get(x.stride), x.coords):
+        return None
+    return max((b + 1 for b, c in enumerate(counts) if c), default=0)
+
+
 class DropPath(nn.Module):
     "Stochastic depth per scene: zero whole scenes of the batch with probability p, scale the rest by 1/(1-p)."
 
@@ -405,9 +450,12 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         f = x.feats if isinstance(x, SparseTensor) else x
+        n = None
         if isinstance(x, SparseTensor):
             batch = x.coords[:, 0]
-        n = int(batch.max()) + 1 if batch is not None and len(batch) else len(f)
+            n = _scenes(x)
+        if n is None:
+            n = int(batch.max()) + 1 if batch is not None and len(batch) else len(f)
         keep = f.new_empty(n).bernoulli_(1.0 - self.p) / (1.0 - self.p)  # (n,) per scene (or row)
         scale = keep[batch.long()] if batch is not None else keep
         return _on_feats(x, lambda t: t * scale.unsqueeze(1))
