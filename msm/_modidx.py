@@ -559,6 +559,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'msm.sparse.Linear.forward': ('sparse.html#linear.forward', 'msm/sparse.py'),
                             'msm.sparse.RMSNorm': ('sparse.html#rmsnorm', 'msm/sparse.py'),
                             'msm.sparse.RMSNorm.__init__': ('sparse.html#rmsnorm.__init__', 'msm/sparse.py'),
+                            'msm.sparse.RMSNorm._norm': ('sparse.html#rmsnorm._norm', 'msm/sparse.py'),
                             'msm.sparse.RMSNorm.extra_repr': ('sparse.html#rmsnorm.extra_repr', 'msm/sparse.py'),
                             'msm.sparse.RMSNorm.forward': ('sparse.html#rmsnorm.forward', 'msm/sparse.py'),
                             'msm.sparse.ReLU': ('sparse.html#relu', 'msm/sparse.py'),

@@ -366,7 +366,7 @@ class MaskedSceneModel(EMATeacher, nn.Module):
         r = plan.loss.get((lv, variant)) if plan is not None else None
         if r is None or not (_same(r["s_coords"], s.coords) and _same(r["t_coords"], t.coords)):
             r = _loss_rows(batch, lv, s.coords, t.coords, masked, vis_w == 0, n_items)  # not prepared: now
-        rows_s, rows_t, w, voxels, inv, b = r["rows_s"], r["rows_t"], r["w"], r["voxels"], r["inv"], r["b"]
+        rows_t, w, voxels, inv, b = r["rows_t"], r["w"], r["voxels"], r["inv"], r["b"]
         tf = normalise_targets(t.feats.float(), t.coords[:, 0], n_items, self.config.target_norm)  # (Mt, C)
         num = tf.new_zeros(len(voxels), tf.shape[1]).index_add_(0, inv, tf[rows_t] * w.unsqueeze(1))  # (V, C)
         den = tf.new_zeros(len(voxels)).index_add_(0, inv, w)  # (V,)

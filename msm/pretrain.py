@@ -209,7 +209,7 @@ def n_levels(model_config: HUNetConfig) -> int:
 def _msm_sampler(config: PretrainConfig) -> PairSampler:
     return PairSampler(default_pretrain_transform(config.crop_points, **config.transform), config.model.voxel_size,
                        n_levels(config.model), config.mask, config.objective.symmetric,
-                       shared_crop=config.crop_points if config.shared_crop else None)
+                       shared_crop=config.crop_points if config.shared_crop else None, model=config.model)
 
 
 def _msm_unused(config: PretrainConfig) -> bool:

@@ -386,9 +386,13 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(channels))
 
     def forward(self, x):
-        # the L2 norm (not sqrt(mean(x^2))) so an all-zero row gets a zero gradient instead of NaN
-        return _on_feats(x, lambda f: f / (torch.linalg.vector_norm(f, dim=-1, keepdim=True) * f.shape[-1] ** -0.5
-                                           + self.eps) * self.scale)
+        return _on_feats(x, self._norm)
+
+    def _norm(self, f):
+        # the L2 norm (not sqrt(mean(x^2))) so an all-zero row gets a zero gradient instead of NaN; taken in fp32
+        # (autocast would anyway), then the output keeps the input's dtype: bf16 activations stay bf16 (half the memory)
+        rms = torch.linalg.vector_norm(f.float(), dim=-1, keepdim=True) * f.shape[-1] ** -0.5 + self.eps
+        return f / rms.to(f.dtype) * self.scale.to(f.dtype)
 
     def extra_repr(self):
         return f"{self.scale.shape[0]}, eps={self.eps}"
