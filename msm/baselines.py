@@ -125,7 +125,7 @@ def _one_to_one(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> tuple[np.ndarray
     first = np.r_[True, (b[1:] != b[:-1]).any(1)]
     return a[first], b[first]
 
-
+# %% ../nbs/12_baselines.ipynb #a2957b69
 @dataclass
 class BaselineSampler:
     "Scene -> list with one training item of a baseline (views, targets, mask, matches); picklable."
@@ -195,7 +195,7 @@ class BaselineSampler:
         region = geometric_regions(scene, o.region_voxel, o.region_angle, o.region_cell)
         return {**scene, "region": region.numpy()}
 
-
+# %% ../nbs/12_baselines.ipynb #5e1de72e
 def collate_baselines(samples: list) -> dict:
     "Batch `BaselineSampler` outputs: per view coords (M, 4), feats, mask, targets; global region ids; pairs (K, 4)."
     items = _items(samples, "collate_baselines")

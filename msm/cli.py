@@ -182,7 +182,7 @@ def _cmd_pretrain(a):
         raise KeyboardInterrupt(f"{ckpt} holds the last checkpoint (continue with --resume)" if ckpt.is_file()
                                 else "no checkpoint was written yet") from None
 
-
+# %% ../nbs/13_cli.ipynb #e62a10bf
 def probe_config(a):
     "The ProbeConfig of an `msm probe` command line (seed, epochs, bank, limited annotations, workers)."
     from msm.probe import ProbeConfig
@@ -236,7 +236,7 @@ def _cmd_instance_probe(a, cfg):
                              val_split=a.val_split, label_key=a.labels)
     print(json.dumps({k: res[k] for k in ("ap25", "ap50", "map", "miou")}))
 
-
+# %% ../nbs/13_cli.ipynb #ff758b8f
 def _cmd_features(a):
     if Path(a.out).is_dir():
         raise MSMError(f"{a.out}: a folder; --out names the .npy file to write")
@@ -266,7 +266,7 @@ def _cmd_demo(a):
 _HANDLERS = {"demo": _cmd_demo, "pretrain": _cmd_pretrain, "probe": _cmd_probe, "features": _cmd_features,
              "viz": _cmd_viz, "make-samples": _cmd_make_samples}
 
-
+# %% ../nbs/13_cli.ipynb #1b1c49df
 def _one_line(e: Exception) -> str:
     "The message of an error, without the worker traceback a DataLoader wraps around errors raised in its workers."
     msg = str(e)

@@ -72,7 +72,7 @@ def _as_array(value, key: str, source: str) -> np.ndarray:
     except Exception as e:  # pragma: no cover - exotic objects
         raise MSMError(f"{source}: field '{key}' cannot be read as an array ({e})") from None
 
-
+# %% ../nbs/00_core.ipynb #024d1543
 def validate_scene(scene: dict, source: str = "<scene>", n_classes: int | None = None,
                    fill_normals: bool = True) -> dict:
     "Check `scene` against the scene-dict contract and return a copy with canonical dtypes; raise `MSMError` naming `source`."
@@ -217,7 +217,7 @@ def _why(e: BaseException) -> str:
     line = " ".join(str(e).split())[:200]
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
-
+# %% ../nbs/00_core.ipynb #5a27e408
 class _Recorder:
     "A file that remembers the first OSError of a write: torch's zip writer replaces it by a RuntimeError without the reason."
 
@@ -264,7 +264,7 @@ def _held_ctrl_c():
     finally:
         signal.signal(signal.SIGINT, old)
 
-
+# %% ../nbs/00_core.ipynb #b9189470
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
     "`torch.save(obj)` to `path` atomically: a temporary file next to it, flushed to disk, then renamed over `path`."
     path = Path(path)
@@ -324,7 +324,7 @@ def _fsync_folder(folder: Path) -> None:
     finally:
         os.close(fd)
 
-
+# %% ../nbs/00_core.ipynb #31014309
 def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict:
     "The dict saved in checkpoint file `path`, on the CPU; `MSMError` naming the file when it is missing, unreadable or no dict."
     if os.path.isdir(path):
@@ -377,7 +377,7 @@ def _lock_holder(fd: int) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return "holder unknown"
 
-
+# %% ../nbs/00_core.ipynb #5ec30178
 @contextlib.contextmanager
 def run_lock(folder: str | os.PathLike, what: str = "msm run"):
     "Hold an advisory lock on `folder` (created if needed) while the block runs; `MSMError` naming the holder if taken."
@@ -475,7 +475,7 @@ def _type_name(hint) -> str:
         return " or ".join(_type_name(t) for t in typing.get_args(hint))
     return "null" if hint is None or hint is type(None) else getattr(hint, "__name__", str(hint))
 
-
+# %% ../nbs/00_core.ipynb #4b183406
 @dataclass
 class ConfigBase:
     "Mixin for dataclass configs: `to_dict()` for checkpoints and `from_dict()` that rejects unknown keys clearly."

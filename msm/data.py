@@ -83,7 +83,7 @@ def _np_load(f: Path):
     except (OSError, EOFError) as e:
         raise MSMError(f"{f}: not a readable numpy file ({e})") from None
 
-
+# %% ../nbs/01_data.ipynb #1e9ab5f3
 EXTRA_FIELDS = ("feat2d", "region")  # per-point extras read from scene folders: 2D features (N, D), region ids (N,)
 
 
@@ -117,7 +117,7 @@ def _load_ply(path: Path, label_key):
         scene["color"] = c * 255.0
     return scene, n
 
-
+# %% ../nbs/01_data.ipynb #2f1ecd51
 def _safe_numpy_globals() -> list:
     "What a weights_only torch.load needs to rebuild plain numpy arrays (also the numpy 1.x module name)."
     rec = np._core.multiarray._reconstruct
@@ -282,7 +282,7 @@ def list_scenes(root: str | os.PathLike, split: str | list[str]) -> list[Path]:
         scenes += here
     return sorted(set(scenes))  # one order (and no scene twice) however the splits are listed
 
-
+# %% ../nbs/01_data.ipynb #025d88a2
 def _scene_problems(p: Path, read: set) -> list[str]:
     "What `check_scenes` finds wrong with one scene, as 'file: problem' lines."
     if p.is_dir() and (p / "Annotations").is_dir() and not os.path.lexists(p / "coord.npy"):
@@ -323,7 +323,7 @@ def check_scenes(paths) -> None:
     if bad:
         raise MSMError(f"{len(bad)} unreadable scene files: " + "; ".join(bad[:10]) + ("; ..." if len(bad) > 10 else ""))
 
-
+# %% ../nbs/01_data.ipynb #a268c706
 class SceneDataset(torch.utils.data.Dataset):
     "The validated scenes of `root/split` (plus `name`), optionally transformed; loaded scenes are cached in memory."
 

@@ -109,7 +109,7 @@ def _pictures(models: dict, scene_path: Path, out: Path, cfg: DemoConfig) -> tup
                       title=f"{scene_path.name}: RGB, labels and PCA of the features")
     return Path(png), Path(html)
 
-
+# %% ../nbs/11a_demo.ipynb #68d56bf2
 def run_demo(out="demo_out", seed: int = 0, max_steps: int | None = None, data_root=None,
              config: DemoConfig | None = None, progress: bool = True) -> Path:
     "Pre-train tiny on the sample rooms, probe it and a random twin, write OUT/report.md; returns its path."

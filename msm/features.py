@@ -45,7 +45,7 @@ def level_position(c: torch.Tensor, stride: int, align: str = "center", size: to
     size = size.double()
     return (c + 0.5) / stride * (size - 1) / size
 
-
+# %% ../nbs/09a_features.ipynb #e0b07cb4
 class VoxelIndex:
     "Sorted int64 keys of a level's voxels `coords` (M, 4): `find(q)` gives the row of each query (Q, 4), -1 if absent."
 
@@ -128,7 +128,7 @@ def _sample_chunk(feats, index, stride, c, b, method, align, empty, size):
             w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
     return F.embedding_bag(rows.clamp_min(0), feats, per_sample_weights=w.to(feats.dtype), mode="sum")  # (n, C)
 
-
+# %% ../nbs/09a_features.ipynb #d3e0fc64
 def sample_features(levels, point_grid_coord, batch=None, method: str = "trilinear", align: str = "center",
                     empty: str = "zero", level_ids=None, chunk: int = 2**17) -> torch.Tensor:
     """Per-point features (N, sum of channels) of `levels` (finest first, level i at stride 2**i), fine to coarse.

@@ -69,7 +69,7 @@ def _fronts(x0, x1, yf, z0, z1, n, label, slot, drawers=False):
                 (hx - hw, hx + hw, yf - 0.04, yf - 0.018, hz - hh, hz + hh, 2, label)]
     return out
 
-
+# %% ../nbs/01a_furniture.ipynb #9d7ff28b
 def _table(rng, label=SCANNET20_ID["table"]):
     coffee = rng.random() < 0.2
     w = uniform(rng, 0.8, 1.3) if coffee else uniform(rng, 0.8, 2.2)
@@ -117,7 +117,7 @@ def _counter(rng):
         bx += _fronts(-w / 2, w / 2, d / 2 - dd, z0, z1, max(1, round(w / 0.55)), cab, 1)
     return bx
 
-
+# %% ../nbs/01a_furniture.ipynb #56427ba7
 def _cabinet(rng):
     w, d, h, k, L = uniform(rng, 0.4, 1.6), uniform(rng, 0.35, 0.65), uniform(rng, 0.45, 2.1), uniform(rng, 0.0, 0.1), SCANNET20_ID["cabinet"]
     bx = [(-w / 2, w / 2, -d / 2 + 0.02, d / 2, k, h, 0, L)]
@@ -147,7 +147,7 @@ def _bookshelf(rng):
             x += bw
     return bx
 
-
+# %% ../nbs/01a_furniture.ipynb #90315ab5
 def _chair(rng):
     w, d, hs, L = uniform(rng, 0.42, 0.56), uniform(rng, 0.42, 0.52), uniform(rng, 0.42, 0.5), SCANNET20_ID["chair"]
     st, hb, bt = uniform(rng, 0.03, 0.08), uniform(rng, 0.3, 0.5), uniform(rng, 0.02, 0.08)
@@ -202,7 +202,7 @@ def _bed(rng):
     return bx + [(-w / 2 + 0.08 + i * (w - 0.16) / n, -w / 2 + 0.03 + (i + 1) * (w - 0.16) / n, ln / 2 - 0.42,
                   ln / 2 - 0.07, top, top + 0.12, 2, L) for i in range(n)]
 
-
+# %% ../nbs/01a_furniture.ipynb #3f83cc5a
 def _other(rng, kind=None):
     "otherfurniture: nightstand, side table, stool, bin or floor lamp."
     L, kind = SCANNET20_ID["otherfurniture"], rng.integers(5) if kind is None else kind

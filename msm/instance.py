@@ -112,7 +112,7 @@ def scene_instances(gt_instance, gt_class, pred_masks, pred_classes, pred_scores
                                 np.array([s for _, s in preds], dtype=np.float64), inter, ignored)
     return out
 
-
+# %% ../nbs/10a_instance.ipynb #dc01df8f
 def match_instances(s: SceneInstances, threshold: float) -> tuple[list, list, int]:
     """ScanNet's matching at one IoU threshold: (scores, true/false flags, missed ground truths).
 
@@ -170,7 +170,7 @@ def average_precision(scores, flags, missed: int) -> float:
     widths = 0.5 * (padded[:-2] - padded[2:])  # (len(rec),) half the gap between the neighbours
     return float(np.dot(prec, widths))
 
-
+# %% ../nbs/10a_instance.ipynb #2dbf81b8
 def instance_ap(per_scene: list, classes, class_names=None) -> dict:
     """AP@25, AP@50 and mAP (mean over IoU 0.5:0.95) over scenes (`scene_instances` outputs), ScanNet style:
     AP per class (NaN when the class has neither ground truth nor prediction; 0 when it has ground truth and no
@@ -238,7 +238,7 @@ def thing_classes(n_classes: int, stuff=None) -> list:
     stuff = ((0, 1) if n_classes == 20 else ()) if stuff is None else tuple(stuff)
     return [c for c in range(n_classes) if c not in stuff]
 
-
+# %% ../nbs/10a_instance.ipynb #72ec50e7
 def fit_instance_heads(feats: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor, has_offset: torch.Tensor,
                        n_classes: int, config: InstanceConfig | None = None, device=None) -> nn.Linear:
     """One Linear(C, n_classes + 3) on frozen features (n, C): class logits and the offset (metres) to the instance
@@ -281,7 +281,7 @@ def fit_instance_heads(feats: torch.Tensor, labels: torch.Tensor, offsets: torch
         head.bias.sub_(head.weight @ mean)
     return head.requires_grad_(False)
 
-
+# %% ../nbs/10a_instance.ipynb #a2475640
 def predict_instances(head: nn.Linear, feats: torch.Tensor, coord, n_classes: int, things, config: InstanceConfig):
     """Instances of one scene from the heads: per thing class, the points predicted as that class moved by their
     predicted offsets, clustered (`cluster_points`); clusters of at least `min_points` are instances, scored by the
@@ -318,7 +318,7 @@ def _instance_scene(path, n_classes, label_key, cfg_probe: ProbeConfig | None = 
         inst = np.where(y >= 0, inst, -1)  # the same K points carry the instance supervision
     return scene, y, inst
 
-
+# %% ../nbs/10a_instance.ipynb #bba2faf0
 def run_instance_probe(model, data_root, out_dir=None, config: InstanceConfig | None = None,
                        probe_config: ProbeConfig | None = None, n_classes: int | None = None, class_names=None,
                        train_split="train", val_split="val", label_key: str | None = None) -> dict:

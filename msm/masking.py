@@ -42,7 +42,7 @@ def _check_ratio(ratio) -> float:
                        "nothing; each scene keeps at least one visible patch)")
     return ratio
 
-
+# %% ../nbs/07_masking.ipynb #58c09dd2
 def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "Unique rows of an integer (M, 4) tensor, sorted by (b, x, y, z), and the row of each input: ((U, 4), (M,))."
     rows = rows.long()
@@ -73,7 +73,7 @@ def _uniform(n: int, generator, device) -> torch.Tensor:
     gdev = generator.device if generator is not None else device
     return torch.rand(n, generator=generator, device=gdev, dtype=torch.float64).to(device)
 
-
+# %% ../nbs/07_masking.ipynb #d8b1a367
 def _choose_per_scene(scene: torch.Tensor, ratio: float, generator, device) -> torch.Tensor:
     "For items sorted by scene id (n,), hide min(round(ratio * n_b), n_b - 1) of each scene's items: bool (n,)."
     _, group, counts = torch.unique_consecutive(scene, return_inverse=True, return_counts=True)  # (n,), (B,)
@@ -158,7 +158,7 @@ def feature_saliency(feat2d, inverse: torch.Tensor | None = None, n_voxels: int 
     z = (f - f.mean(0)) / (f.std(0, unbiased=False) + 1e-6)  # (M, D) standardised over the scene
     return z.pow(2).mean(1).sqrt().float()  # (M,) root-mean-square distance from the scene's mean feature
 
-
+# %% ../nbs/07_masking.ipynb #eb68caa2
 def guided_patch_mask(coords, saliency, patch_size: int, ratio: float, temperature: float = 0.5,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Mask (M,) bool over finest voxels `coords` (M, 4) that hides, in each scene, round(ratio * n_patches) patches

@@ -51,7 +51,7 @@ def official_names(model: HUNet) -> dict:
                     m[f"{side}.{lv}.blocks.{b}.{ours}"] = (pre + theirs, "odd" if "conv" in ours else None)
     return m
 
-
+# %% ../nbs/06a_official.ipynb #63812466
 def _from_spconv(w: torch.Tensor, kind: str | None) -> torch.Tensor:
     "spconv weight (C_out, k, k, k, C_in) -> our kernel (k^3, C_in, C_out); other tensors unchanged."
     if kind == "odd":  # x fastest: (k_z, k_y, k_x, C_in, C_out)
@@ -81,7 +81,7 @@ def state_dict_of(src, weights_only: bool = True) -> dict:
             return src[key]
     return src
 
-
+# %% ../nbs/06a_official.ipynb #bae14bd2
 def load_official(src, config: HUNetConfig | None = None, weights_only: bool = True) -> HUNet:
     "A HUNet (paper preset unless `config`) with the weights of an official-layout checkpoint (path or dict)."
     sd = state_dict_of(src, weights_only)

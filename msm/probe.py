@@ -397,7 +397,7 @@ def _train_labels(scene: dict, path, cfg: ProbeConfig) -> torch.Tensor:
         y = torch.from_numpy(scene["segment"])
     return y
 
-
+# %% ../nbs/10_probe.ipynb #8b5841c9
 def _fly_batches(model, paths, steps, cfg: ProbeConfig, n_classes, feat_kw, label_key=None):
     "Endless batches from features recomputed on an augmented crop of every scene, epoch after epoch."
     rng, g = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
@@ -455,7 +455,7 @@ def _write_probe(res: dict, out_dir) -> None:
     import matplotlib.pyplot as plt
     plt.close(fig)
 
-
+# %% ../nbs/10_probe.ipynb #60c3d892
 def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig | None = None,
                n_classes: int | None = None, class_names=None, train_split: str | list[str] = "train",
                val_split: str | list[str] = "val", label_key: str | None = None) -> dict:
@@ -523,7 +523,7 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
         results[mode] = res
     return results
 
-
+# %% ../nbs/10_probe.ipynb #e50d07d7
 def run_probe(model, data_root, mode: str = "linear", out_dir=None, config: ProbeConfig | None = None,
               n_classes: int | None = None, class_names=None, train_split: str | list[str] = "train",
               val_split: str | list[str] = "val", label_key: str | None = None) -> dict:

@@ -222,7 +222,7 @@ class CropSteps(torch.utils.data.Dataset):
         return [(i, self.transform(_load_train(self.paths[i], i, self.cfg, self.asked, self.label_key),
                                    _scene_rng(self.cfg.seed, epoch, i, 37))) for i in mine]
 
-
+# %% ../nbs/10b_probe_stream.ipynb #74bb8aa8
 def fit_streaming_linear(model, paths, n_classes: int, channels: int, config: ProbeConfig | None = None, mean=None,
                          std=None, feat_kw: dict | None = None, label_key: str | None = None, asked: int | None = None,
                          log: list | None = None) -> nn.Linear:
@@ -287,7 +287,7 @@ def fit_streaming_linear(model, paths, n_classes: int, channels: int, config: Pr
         head.bias.sub_(head.weight @ mean)
     return head.requires_grad_(False)
 
-
+# %% ../nbs/10b_probe_stream.ipynb #a9ca3a9b
 def _new_head(channels: int, n_classes: int, cfg: ProbeConfig, dev, warmup: int, total: int):
     "The seeded head (as fit_linear_probe draws it), AdamW and the warm-up + cosine schedule."
     with torch.random.fork_rng(devices=[]):
@@ -315,7 +315,7 @@ def evaluate_scenes(model, paths, predictors: dict, n_classes: int, feat_kw: dic
                 cms[mode] += confusion_matrix(pred, y, n_classes)
     return {m: _sum_ranks(cm, dev) for m, cm in cms.items()}
 
-
+# %% ../nbs/10b_probe_stream.ipynb #68999a37
 def _scan_max_label(paths, label_key=None, asked=None) -> int:
     "Largest training label, read without the network (a Pointcept folder's label file is memory-mapped)."
     from msm.data import _LABEL_KEYS
@@ -489,7 +489,7 @@ def choose_engine(model, data_root, config: ProbeConfig | None = None, train_spl
         return "stream", f"cached features {need / 1e9:.1f} GB > cache budget {cfg.cache_budget_gb:g} GB"
     return "cached", f"cached features {need / 1e9:.2f} GB fit the cache budget {cfg.cache_budget_gb:g} GB"
 
-
+# %% ../nbs/10b_probe_stream.ipynb #f79e80aa
 def probe_backbone(model, data_root, modes=("linear",), out_dir=None, config: ProbeConfig | None = None,
                    engine: str = "auto", **kw) -> dict:
     """`run_probes` (cached) or `run_streaming_probes` (stream), chosen by `choose_engine`; the choice and its reason

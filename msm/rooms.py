@@ -57,7 +57,7 @@ class _Floor:
         sub[c[1]] = k
         return True
 
-
+# %% ../nbs/01b_rooms.ipynb #97746d2a
 def _footprint(bx):
     return min(b[0] for b in bx), max(b[1] for b in bx), min(b[2] for b in bx), max(b[3] for b in bx)
 
@@ -117,7 +117,7 @@ def _opening(rng, S, room, w, a0, a1, kind):
     room["fl"].place(_wp(w, (a0 + a1) / 2, 0, 0.5), np.arctan2(w["n"][0], -w["n"][1]),
                      (-(a1 - a0) / 2 - 0.1, (a1 - a0) / 2 + 0.1, -0.5, 0.5), -2, ok=(-2,))
 
-
+# %% ../nbs/01b_rooms.ipynb #27ed5b45
 def _build_room(rng, cfg, S) -> dict:
     "Floor, walls (and ceiling), doors and windows of a rectangular or L-shaped room."
     W, D, H = _u(rng, *cfg.size), _u(rng, *cfg.size), _u(rng, *cfg.height)
@@ -182,7 +182,7 @@ def _put(S, room, rng, bx, pos, yaw):
         S.box((pos[0] + ca * cx - sa * cy, pos[1] + sa * cx + ca * cy, (z0 + z1) / 2), ((x1 - x0) / 2, (y1 - y0) / 2, (z1 - z0) / 2),
               yaw, label, ids[label], cols[slot] if slot >= 0 else room["pal"](), tex, amp, skip=("-z",) if z0 < 1e-6 else ())
 
-
+# %% ../nbs/01b_rooms.ipynb #452d2513
 def _on_wall(rng, room, bx, k, near=None):
     "Stand an object with its back to a wall (at random, in a corner, or touching another); (pos, yaw, wall, a0, a1)."
     x0, x1, y0, y1 = _footprint(bx)
@@ -225,7 +225,7 @@ def _chair_facing(rng, S, room, at, facing, k, ok):
         _put(S, room, rng, bx, *res)
     return res is not None
 
-
+# %% ../nbs/01b_rooms.ipynb #0135a393
 def _furnish(rng, cfg, S, room):
     "Furniture of the room's type (more in big rooms), chairs at tables and desks, props on tops, pictures on walls."
     kind = cfg.room_types[rng.integers(len(cfg.room_types))]
@@ -309,7 +309,7 @@ def _visibility(P, N, scanners, spacing, falloff, look_up, deg=0.5):
         top, weight = np.maximum(top, contrib), weight + contrib
     return weight, best
 
-
+# %% ../nbs/01b_rooms.ipynb #fba02dad
 def _scanners(rng, room, n):
     "n scanner positions over free floor (40 cm from furniture and walls when possible), spread out, 1.2-1.8 m high."
     free = room["fl"].grid == 0
@@ -350,7 +350,7 @@ def _shade(rng, cfg, room, look, q, sm, tm, P, N, exposure):
     br = br / np.median(br) * _u(rng, 0.8, 1.0) * exposure
     return col * (f * br)[:, None] * (1 + rng.normal(0, 0.04, 3)) + rng.normal(0, _u(rng, *cfg.color_noise), (len(q), 3))
 
-
+# %% ../nbs/01b_rooms.ipynb #62209ab0
 def _scan(rng, cfg, S, room) -> dict:
     "Sample the room's surfaces as the virtual scanners would see them; colour, light and noise the points."
     Q = np.array(S.rows, np.float64)

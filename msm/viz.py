@@ -50,7 +50,7 @@ class PCABasis:
             c = torch.cat([c, torch.full_like(c[:, :1], 0.5)], 1)  # two: red and green, blue fixed
         return c.float().cpu().numpy()
 
-
+# %% ../nbs/11_viz.ipynb #069516a1
 def _as_feats(feats) -> torch.Tensor:
     f = torch.from_numpy(np.asarray(feats)) if not isinstance(feats, torch.Tensor) else feats.detach()
     if f.ndim != 2 or f.shape[0] == 0 or f.shape[1] == 0:
@@ -92,7 +92,7 @@ def _fit_directions(f: torch.Tensor, n: int, skip: int, fit_points: int, seed: i
     sign = torch.sign(comps[big, torch.arange(n, device=comps.device)])
     return mean, comps * torch.where(sign == 0, 1.0, sign), share
 
-
+# %% ../nbs/11_viz.ipynb #1c4e8365
 def _colour_range(p: torch.Tensor, robust: bool, k_mad: float):
     "Per-column (lo, hi) of projections p (N, k): min..max of the points within k_mad MADs of the median."
     lo, hi = p.min(0).values, p.max(0).values  # (k,)
@@ -151,7 +151,7 @@ def label_colors(labels, n_classes: int = 20) -> np.ndarray:
     out[~ok] = _IGNORE
     return out
 
-
+# %% ../nbs/11_viz.ipynb #44e308f0
 def _rgb01(colors, n: int) -> np.ndarray:
     "Colours (N, 3) as float32 in [0, 1]: uint8 / 0..255 floats are rescaled."
     c = np.asarray(colors.detach().cpu() if isinstance(colors, torch.Tensor) else colors, dtype=np.float32)
@@ -175,7 +175,7 @@ def _subsample(n: int, max_points: int | None, seed: int) -> np.ndarray:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, int(max_points), replace=False))
 
-
+# %% ../nbs/11_viz.ipynb #dae01ae0
 _VIEWS = ("top", "oblique", "side")
 
 
@@ -227,7 +227,7 @@ def plot_points(coord, colors, view: str = "top", ax=None, point_size: float | N
         ax.set_title(title, fontsize=9)
     return ax
 
-
+# %% ../nbs/11_viz.ipynb #51d82cd3
 def _new_figure(w: float, h: float, dpi: int):
     "A matplotlib Figure with an Agg canvas, independent of pyplot (works headless, leaves pyplot's state alone)."
     from matplotlib.backends.backend_agg import FigureCanvasAgg
