@@ -429,6 +429,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'msm.probe.plot_confusion': ('probe.html#plot_confusion', 'msm/probe.py'),
                            'msm.probe.run_probe': ('probe.html#run_probe', 'msm/probe.py'),
                            'msm.probe.run_probes': ('probe.html#run_probes', 'msm/probe.py'),
+                           'msm.probe.score_scenes': ('probe.html#score_scenes', 'msm/probe.py'),
                            'msm.probe.segmentation_metrics': ('probe.html#segmentation_metrics', 'msm/probe.py'),
                            'msm.probe.train_scenes': ('probe.html#train_scenes', 'msm/probe.py'),
                            'msm.probe.write_point_features': ('probe.html#write_point_features', 'msm/probe.py')},

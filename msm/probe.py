@@ -30,8 +30,8 @@ _all_ = ["extract_point_features", "sample_features"]  # re-exported: `msm.probe
 
 # %% auto #0
 __all__ = ['confusion_matrix', 'segmentation_metrics', 'plot_confusion', 'ProbeConfig', 'train_scenes', 'limit_labels',
-           'limited_root', 'FeatureStore', 'fit_linear_probe', 'knn_bank', 'knn_predict', 'run_probes', 'run_probe',
-           'write_point_features', 'extract_point_features', 'sample_features']
+           'limited_root', 'FeatureStore', 'fit_linear_probe', 'knn_bank', 'knn_predict', 'score_scenes', 'run_probes',
+           'run_probe', 'write_point_features', 'extract_point_features', 'sample_features']
 
 # %% ../nbs/10_probe.ipynb #e8cdfc98
 def confusion_matrix(pred, target, n_classes: int) -> torch.Tensor:
@@ -456,6 +456,21 @@ def _write_probe(res: dict, out_dir) -> None:
     plt.close(fig)
 
 # %% ../nbs/10_probe.ipynb #60c3d892
+def score_scenes(model, paths, predictors: dict, n_classes: int, feat_kw: dict, asked=None, label_key=None,
+                 progress: bool = True) -> dict:
+    "Confusion matrices {mode: (n_classes, n_classes)} of `predictors` (features -> classes) on every point of `paths`."
+    cms = {m: torch.zeros(n_classes, n_classes, dtype=torch.long) for m in predictors}
+    with torch.no_grad():
+        for p in tqdm(paths, desc="evaluate", disable=not progress, leave=False):
+            scene = load_scene(p, n_classes=asked, label_key=label_key)
+            y = _labels(scene, p)
+            f = extract_point_features(model, scene, **feat_kw)  # (N, C) every original point
+            for mode, predict in predictors.items():
+                pred = torch.cat([predict(f[s:s + 262144]) for s in range(0, len(f), 262144)])
+                cms[mode] += confusion_matrix(pred, y, n_classes)
+    return cms
+
+
 def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig | None = None,
                n_classes: int | None = None, class_names=None, train_split: str | list[str] = "train",
                val_split: str | list[str] = "val", label_key: str | None = None) -> dict:
@@ -499,15 +514,7 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
                                          asked)
             fit_s[mode] = time.perf_counter() - t
         t_fit = time.perf_counter()
-        cms = {mode: torch.zeros(n_classes, n_classes, dtype=torch.long) for mode in modes}
-        with torch.no_grad():
-            for p in tqdm(val_paths, desc="evaluate", disable=not cfg.progress, leave=False):
-                scene = load_scene(p, n_classes=asked, label_key=label_key)
-                y = _labels(scene, p)
-                f = extract_point_features(model, scene, **feat_kw)  # (N, C) every original point
-                for mode, predict in predictors.items():
-                    pred = torch.cat([predict(f[s:s + 262144]) for s in range(0, len(f), 262144)])
-                    cms[mode] += confusion_matrix(pred, y, n_classes)
+        cms = score_scenes(model, val_paths, predictors, n_classes, feat_kw, asked, label_key, cfg.progress)
         t_eval = time.perf_counter()
     finally:
         store.close()

@@ -26,10 +26,10 @@ from msm.probe import (
     _lr_factor,
     _out_folder,
     _write_probe,
-    confusion_matrix,
     knn_predict,
     limit_labels,
     run_probes,
+    score_scenes,
     segmentation_metrics,
     train_scenes,
 )
@@ -301,19 +301,11 @@ def _new_head(channels: int, n_classes: int, cfg: ProbeConfig, dev, warmup: int,
 def evaluate_scenes(model, paths, predictors: dict, n_classes: int, feat_kw: dict, asked=None, label_key=None,
                     progress: bool = True) -> dict:
     """Confusion matrices {mode: (n_classes, n_classes)} of `predictors` (features -> classes) on every original point
-    of `paths`; under torchrun each process scores every world-th scene and the matrices are summed."""
+    of `paths`; under torchrun each process scores every world-th scene (`score_scenes`) and the matrices are summed."""
     rank, world = _world()
-    dev = model_device(model)
-    cms = {m: torch.zeros(n_classes, n_classes, dtype=torch.long) for m in predictors}
-    with torch.no_grad():
-        for p in tqdm(paths[rank::world], desc="evaluate", disable=not progress or rank != 0, leave=False):
-            scene = load_scene(p, n_classes=asked, label_key=label_key)
-            y = _labels(scene, p)
-            f = extract_point_features(model, scene, **feat_kw)  # (N, C) every original point
-            for mode, predict in predictors.items():
-                pred = torch.cat([predict(f[s:s + 262144]) for s in range(0, len(f), 262144)])
-                cms[mode] += confusion_matrix(pred, y, n_classes)
-    return {m: _sum_ranks(cm, dev) for m, cm in cms.items()}
+    cms = score_scenes(model, paths[rank::world], predictors, n_classes, feat_kw, asked, label_key,
+                       progress and rank == 0)
+    return {m: _sum_ranks(cm, model_device(model)) for m, cm in cms.items()}
 
 # %% ../nbs/10b_probe_stream.ipynb #68999a37
 def _scan_max_label(paths, label_key=None, asked=None) -> int:
