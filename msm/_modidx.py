@@ -130,6 +130,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                           'msm.demo._find_data_samples': ('demo.html#_find_data_samples', 'msm/demo.py'),
                           'msm.demo._pictures': ('demo.html#_pictures', 'msm/demo.py'),
                           'msm.demo._probe_all': ('demo.html#_probe_all', 'msm/demo.py'),
+                          'msm.demo._run_demo': ('demo.html#_run_demo', 'msm/demo.py'),
                           'msm.demo.per_class_table': ('demo.html#per_class_table', 'msm/demo.py'),
                           'msm.demo.plot_loss_curve': ('demo.html#plot_loss_curve', 'msm/demo.py'),
                           'msm.demo.results_table': ('demo.html#results_table', 'msm/demo.py'),

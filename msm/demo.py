@@ -113,6 +113,12 @@ def _pictures(models: dict, scene_path: Path, out: Path, cfg: DemoConfig) -> tup
 def run_demo(out="demo_out", seed: int = 0, max_steps: int | None = None, data_root=None,
              config: DemoConfig | None = None, progress: bool = True) -> Path:
     "Pre-train tiny on the sample rooms, probe it and a random twin, write OUT/report.md; returns its path."
+    from msm.core import run_lock
+    with run_lock(out, "msm demo"):  # a second demo in OUT is refused before it deletes anything of this one
+        return _run_demo(out, seed, max_steps, data_root, config, progress)
+
+
+def _run_demo(out, seed, max_steps, data_root, config, progress) -> Path:
     from msm.data import list_scenes
     from msm.hunet import random_backbone
     from msm.pretrain import PretrainConfig, pretrain

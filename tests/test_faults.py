@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from msm.cli import main
-from msm.core import LOCK_NAME, run_lock
+from msm.core import LOCK_NAME, MSMError, run_lock
 from msm.data import save_scene, synthetic_room
 
 STEPS = 4  # every run here: 4 steps, a checkpoint every 2
@@ -521,3 +521,13 @@ def test_resume_when_checkpoint_is_a_folder(root, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "checkpoint.pt: a folder, not a checkpoint file" in err, err
     assert (tmp_path / "run" / "checkpoint.pt").is_dir()  # nothing touched
+
+
+def test_a_second_demo_in_the_same_folder_is_refused(tmp_path):
+    from msm.demo import run_demo
+    (tmp_path / "demo" / "pretrain").mkdir(parents=True)
+    (tmp_path / "demo" / "pretrain" / "checkpoint.pt").write_bytes(b"an earlier demo's run")
+    with run_lock(tmp_path / "demo", "msm demo"):  # a demo running there now
+        with pytest.raises(MSMError, match="another msm demo is writing here"):
+            run_demo(tmp_path / "demo", max_steps=1, progress=False)
+    assert (tmp_path / "demo" / "pretrain" / "checkpoint.pt").read_bytes() == b"an earlier demo's run"
