@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import runs
+from . import core, runs
 from .core import ConfigBase, MSMError, _from_plain, read_checkpoint, run_lock, save_checkpoint, seed_everything
 from .data import SceneDataset, check_scenes
 from .hunet import HUNetConfig
@@ -385,7 +385,7 @@ def backward_step(model: nn.Module, micro_batches: list[dict], batch_size: int, 
                   dtype: torch.dtype | None = None, scaler=None) -> dict:
     "Forward + backward of one process's micro-batches, gradients scaled to the global batch; returns its mean results."
     out, local = {}, sum(int(b["n_scenes"]) for b in micro_batches)
-    dev = next(p for p in model.parameters()).device
+    dev = core.model_device(model)
     for i, batch in enumerate(micro_batches):
         sync = world == 1 or i == len(micro_batches) - 1  # DDP all-reduces on the last micro-batch only
         with contextlib.nullcontext() if sync else model.no_sync():
