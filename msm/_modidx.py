@@ -518,6 +518,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                           'msm.runs.StopSignals._handle': ('runs.html#stopsignals._handle', 'msm/runs.py'),
                           'msm.runs.StopSignals.active': ('runs.html#stopsignals.active', 'msm/runs.py'),
                           'msm.runs.StopSignals.agreed': ('runs.html#stopsignals.agreed', 'msm/runs.py'),
+                          'msm.runs._destroy_group': ('runs.html#_destroy_group', 'msm/runs.py'),
                           'msm.runs._rng': ('runs.html#_rng', 'msm/runs.py'),
                           'msm.runs.auto_workers': ('runs.html#auto_workers', 'msm/runs.py'),
                           'msm.runs.init_distributed': ('runs.html#init_distributed', 'msm/runs.py'),

@@ -7,6 +7,7 @@ stopping cleanly on a cluster's signal, DataLoader workers, and the run's log.""
 # %% ../nbs/09b_runs.ipynb #53510ca9
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -113,6 +114,12 @@ def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
 
 # %% ../nbs/09b_runs.ipynb #475cd603
+def _destroy_group() -> None:
+    "Leave the process group if it is still there (registered with atexit by `init_distributed`)."
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed() -> tuple[int, int, int, bool]:
     "(rank, world size, local rank, whether this call created the process group) from torchrun's environment."
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
@@ -124,6 +131,9 @@ def init_distributed() -> tuple[int, int, int, bool]:
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
+        # a process that ends with a live gloo group can abort at exit ("terminate called without an active
+        # exception": its worker threads outlive the interpreter), so whoever created the group also leaves it then
+        atexit.register(_destroy_group)
         created = True
     return dist.get_rank(), dist.get_world_size(), local, created
 

@@ -281,3 +281,29 @@ def test_keep_every_amp_and_metrics(root, tmp_path):
     with pytest.raises(MSMError, match="amp = 'fp32' must be one of bf16, fp16, off"):
         small(amp="fp32").check()
     assert small(amp=False).amp == "off" and small(amp=True).amp == "bf16"  # configs of older checkpoints
+
+
+_EXIT_SCRIPT = """
+import atexit, os, sys, torch, torch.distributed as dist
+from msm.runs import init_distributed
+# registered first, so it runs last (atexit is last-in, first-out): what is left at the very end of the process
+atexit.register(lambda: open(sys.argv[1] + "/alive" + os.environ["RANK"], "w").write(str(dist.is_initialized())))
+rank, world, _, created = init_distributed()
+assert world == 2 and created
+t = torch.ones(4)
+dist.all_reduce(t)
+assert t.tolist() == [2.0] * 4
+"""
+
+
+def test_process_group_left_at_exit(tmp_path):
+    "A process group that init_distributed made is destroyed at exit: a live gloo group can abort the process there."
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    left = [(tmp_path / f"alive{r}").read_text() for r in range(2)]
+    assert left == ["False", "False"], left
