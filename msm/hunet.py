@@ -180,7 +180,7 @@ class _Skip(nn.Module):
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(feats))  # (M, c)
 
-
+# %% ../nbs/06_hunet.ipynb #3e2f58e7
 class _Stage(nn.Module):
     "The blocks of one level, in order; attention blocks take the curves chosen for this forward."
 
@@ -206,7 +206,7 @@ class _Stage(nn.Module):
                 x = blk(x, *args)
         return x
 
-
+# %% ../nbs/06_hunet.ipynb #023dbf1e
 def _curve_order(x: SparseTensor, curve: str) -> tuple:
     """(order, inverse, batch ids in curve order, voxels per scene or None) of x's voxels along `curve`: from x's cache
     when prepared (or computed earlier in this forward), else computed now (and cached when x holds its level's set)."""
@@ -241,7 +241,7 @@ class _Full:
     insertion: str
     cache: object
 
-
+# %% ../nbs/06_hunet.ipynb #03886a08
 class HUNet(nn.Module):
     "Hybrid sparse-conv / attention U-Net; `forward(x)` -> decoder levels finest first (see the notebook)."
 

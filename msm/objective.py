@@ -171,7 +171,7 @@ class PairSampler:
                 "pairs": [(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(w)) for a, b, w in pairs],
                 "n_points": len(s["inverse"]) + len(t["inverse"])}
 
-
+# %% ../nbs/08_objective.ipynb #2cd620ee
 class StepPlan:
     """What a DataLoader worker prepares for one training step of a collated batch, so that the step dispatches no
     data-dependent op: `student` and `teacher`, the `SparseCache`s of the two inputs (`msm.hunet.prepare_input`: maps
@@ -204,7 +204,7 @@ class StepPlan:
     def __repr__(self):
         return f"StepPlan(student={self.student}, teacher={self.teacher}, loss levels={len(self.loss)})"
 
-
+# %% ../nbs/08_objective.ipynb #d891eedf
 def _batched(parts: list[torch.Tensor]) -> torch.Tensor:
     "Concatenate per-scene (M_b, 3) coords into (M, 4) int32 [b, x, y, z] (shared by every method's collate)."
     return torch.cat([F.pad(c, (1, 0), value=b) for b, c in enumerate(parts)]).int()
@@ -301,7 +301,7 @@ def _loss_rows(batch: dict, lv: int, s_coords, t_coords, masked, masked_only: bo
     return {"s_coords": s_coords, "t_coords": t_coords, "rows_s": rows_s, "rows_t": rows_t, "w": w, "voxels": voxels,
             "inv": inv, "b": b, "counts": counts, "n_vox": len(voxels)}
 
-
+# %% ../nbs/08_objective.ipynb #3716e205
 class MaskedSceneModel(EMATeacher, nn.Module):
     "Student HUNet + EMA teacher + per-level mask tokens and predictor heads; `forward(batch)` -> dict of losses."
 

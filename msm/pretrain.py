@@ -130,7 +130,7 @@ class PretrainConfig(ConfigBase):
                 raise MSMError(f"{source}: {name} = {getattr(self, name)!r} {why}")
         return self
 
-
+# %% ../nbs/09_pretrain.ipynb #aa10b46f
 def replace_fields(cfg, **kw):
     "dataclasses.replace with dotted names for nested configs and `MSMError` for unknown fields."
     import dataclasses
@@ -256,7 +256,7 @@ def config_diff(saved: dict, config: PretrainConfig) -> list[str]:
     return [f"{k}: checkpoint {a.get(k, '<missing>')!r}, this run {b.get(k, '<missing>')!r}"
             for k in sorted(set(a) | set(b)) if k not in _RUNTIME and a.get(k, "<missing>") != b.get(k, "<missing>")]
 
-
+# %% ../nbs/09_pretrain.ipynb #659f45f0
 def _data_id(scenes: SceneDataset) -> dict:
     "What a checkpoint remembers of its training data: the number of scenes and a digest of their names."
     names = "\n".join(f"{p.parent.name}/{p.name}" for p in scenes.paths)
@@ -380,7 +380,7 @@ class _WithScenes:
     def __call__(self, samples: list) -> dict:
         return {**self.collate(samples), "n_scenes": len(samples)}
 
-
+# %% ../nbs/09_pretrain.ipynb #e0d179ee
 def backward_step(model: nn.Module, micro_batches: list[dict], batch_size: int, world: int,
                   dtype: torch.dtype | None = None, scaler=None) -> dict:
     "Forward + backward of one process's micro-batches, gradients scaled to the global batch; returns its mean results."
@@ -451,7 +451,7 @@ def pretrain(config: PretrainConfig | str, data_root, out_dir, max_steps: int | 
             if created and dist.is_initialized():
                 dist.destroy_process_group()
 
-
+# %% ../nbs/09_pretrain.ipynb #a622cf14
 def _preset_length(config: PretrainConfig) -> bool:
     "Whether the config's run length is still its preset's (so a resume may take the checkpoint's)."
     if config.name not in PretrainConfig.PRESETS:

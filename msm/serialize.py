@@ -103,14 +103,14 @@ def _scene_bounds(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ends = torch.cat([starts[1:], starts.new_tensor([M])])
     return starts[run], ends[run]
 
-
+# %% ../nbs/05_serialize.ipynb #70bf5055
 def _block_attention(q, k, v, allowed, dropout_p, scale):
     "SDPA on one block: q (Bq, H, D), k/v (Bk, H, D), allowed (Bq, Bk) bool or None -> (Bq, H, D)."
     q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, B, D): 4D inputs reach the fused CPU kernel
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)  # (1, H, Bq, D)
     return o[0].transpose(0, 1)
 
-
+# %% ../nbs/05_serialize.ipynb #7e87428d
 def _flash(q, k, v, batch, window, dropout_p, scale, scene_counts=None):
     "flash-attn's varlen kernel, or None when it does not apply here."
     if not q.is_cuda:
@@ -130,7 +130,7 @@ def _flash(q, k, v, batch, window, dropout_p, scale, scene_counts=None):
     return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout_p=dropout_p,
                                   softmax_scale=scale, window_size=(half, half))
 
-
+# %% ../nbs/05_serialize.ipynb #95981736
 def _blocks_from_counts(scene_counts, M: int, block: int, half: int) -> list:
     "(s, e, a, b, full) of every query block from the per-scene token counts (Python ints): no device work."
     starts = [0] + list(itertools.accumulate(scene_counts))  # (B + 1,) scene boundaries
@@ -150,7 +150,7 @@ def _blocks_from_counts(scene_counts, M: int, block: int, half: int) -> list:
         out.append((s, e, a, b, first(a) == first(b - 1) and b - 1 - s <= half and e - 1 - a <= half))
     return out
 
-
+# %% ../nbs/05_serialize.ipynb #5e0bd934
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: torch.Tensor | None, window: int,
                      dropout_p: float = 0.0, fp16_qkv: bool = False, block: int | None = None,
                      recompute: bool | None = None, use_flash: bool | None = None,

@@ -141,7 +141,7 @@ class RandomRotateZ(LinearTransform):
     def matrix(self, rng):
         return RandomRotate(angle=self.angle, axis="z", p=self.p).matrix(rng)
 
-
+# %% ../nbs/02_transforms.ipynb #927cd370
 @dataclass
 class RandomScale(LinearTransform):
     "Scale coordinates by a factor drawn from `scale` (one for all axes, or one per axis with `anisotropic`)."
@@ -174,7 +174,7 @@ class RandomFlip(LinearTransform):
                 d["xyz".index(a)] = -1.0
         return None if (d == 1).all() else np.diag(d)
 
-
+# %% ../nbs/02_transforms.ipynb #8fae3b1e
 @dataclass
 class RandomJitter(Transform):
     "Add Gaussian noise of std `sigma` metres to every coordinate, clipped to +-`clip`."
