@@ -13,6 +13,7 @@ benchmark continues where it stopped and rows can be added later.
     python benchmarks/bench_learning.py --rows random,msm --seeds 0 --steps 100   # a quick look
     python benchmarks/bench_learning.py --rows random,msm --data-seed 1 --out fresh   # other rooms
     python benchmarks/bench_learning.py --rows random,msm --data-seed 2 --n-train 16 --out more   # twice the rooms
+    python benchmarks/bench_learning.py --rows random,msm,supervised,labels,instance   # limited labels, instances
 
 The rooms are generated once into --data (default <out>/rooms). Last line: one JSON object with the MSM - random gap.
 See nbs/14_learning.ipynb for what each row is.
@@ -29,16 +30,28 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from msm.learning import ROWS, BenchConfig, bench_rooms, bench_table, run_bench, separated  # noqa: E402
+from msm.learning import (  # noqa: E402
+    ROW_GROUPS,
+    ROWS,
+    BenchConfig,
+    bench_rooms,
+    bench_table,
+    expand_rows,
+    instance_table,
+    label_budget_figure,
+    run_bench,
+    separated,
+)
 
 
 def main(argv=None):
     d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="rows: " + "; ".join(f"{k} ({r.label})" for k, r in ROWS.items()))
+                                epilog="rows: " + "; ".join(f"{k} ({r.label})" for k, r in ROWS.items())
+                                + ". groups: " + "; ".join(f"{g} = {','.join(ks)}" for g, ks in ROW_GROUPS.items()))
     p.add_argument("--out", default="bench_learning_out", help="results folder (cached runs are read back)")
     p.add_argument("--data", default=None, help="rooms folder (default OUT/rooms, generated on first use)")
-    p.add_argument("--rows", default=",".join(d.rows), help="comma-separated row keys, or 'all'")
+    p.add_argument("--rows", default=",".join(d.rows), help="comma-separated row keys and groups (labels, instance), or 'all'")
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)))
     p.add_argument("--steps", type=int, default=d.steps, help="pre-training steps of every trained row")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
@@ -52,7 +65,7 @@ def main(argv=None):
     p.add_argument("--probe-epochs", type=int, default=d.probe_epochs)
     p.add_argument("--table-only", action="store_true", help="print the table of the runs cached under --out, run nothing")
     a = p.parse_args(argv)
-    rows = tuple(ROWS) if a.rows == "all" else tuple(r.strip() for r in a.rows.split(",") if r.strip())
+    rows = expand_rows([r.strip() for r in a.rows.split(",") if r.strip()])
     overrides = {}
     for item in a.set:
         key, _, value = item.partition("=")
@@ -65,12 +78,17 @@ def main(argv=None):
         results = [json.loads(f.read_text()) for k in ROWS for f in sorted(out.glob(f"{k}/seed*/result.json"))]
         if not results:
             raise SystemExit(f"{out}: no cached results")
-        print(bench_table(results))
+        print(bench_table(results) + "\n" + instance_table(results))
+        label_budget_figure(results, out / "labels.png")
         return
     data = bench_rooms(a.data or out / "rooms", cfg.n_train, cfg.n_val, cfg.n_points, cfg.data_seed)
     t0 = time.time()
     results = run_bench(data, out, cfg, jobs=a.jobs)
     table = bench_table(results)
+    if any(r.get("task") == "instance" for r in results):
+        table += "\n" + instance_table(results)
+    if any(r.get("labels") for r in results):
+        label_budget_figure(results, out / "labels.png")
     header = (f"tiny preset, {cfg.steps} steps, {cfg.n_train} train / {cfg.n_val} val rooms of {cfg.n_points} points (room seed {cfg.data_seed}), "
               f"seeds {list(cfg.seeds)}, overrides {overrides or 'none'}; {os.cpu_count()} cores, torch "
               f"{torch.__version__}, {a.jobs} run(s) at once; wall {(time.time() - t0) / 60:.1f} min (cached runs free)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,9 @@ from .transforms import SphereCrop, Transform, default_pretrain_transform
 from .voxelize import voxelize_scene
 
 # %% auto #0
-__all__ = ['SUPERVISED', 'METHODS', 'ROWS', 'SupervisedSampler', 'collate_supervised', 'SupervisedSegmentation', 'BenchRow',
-           'BenchConfig', 'bench_rooms', 'run_row', 'run_bench', 'bench_table', 'separated']
+__all__ = ['SUPERVISED', 'METHODS', 'ROWS', 'LABEL_BUDGETS', 'ROW_GROUPS', 'SupervisedSampler', 'voxel_labels',
+           'collate_supervised', 'SupervisedSegmentation', 'BenchRow', 'BenchConfig', 'expand_rows', 'bench_rooms',
+           'run_row', 'bench_tasks', 'run_bench', 'bench_table', 'separated', 'instance_table', 'label_budget_figure']
 
 # %% ../nbs/14_learning.ipynb #2d73437a
 @dataclass
@@ -46,8 +48,19 @@ class SupervisedSampler:
         view = self.transform(scene, rng)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         vox = voxelize_scene(view, self.voxel_size, "train", gen)
-        return [{"coords": vox["grid_coord"], "feats": vox["feat"], "segment": vox["segment"],
+        return [{"coords": vox["grid_coord"], "feats": vox["feat"], "segment": voxel_labels(vox),
                  "n_points": len(vox["inverse"])}]
+
+
+def voxel_labels(vox: dict) -> torch.Tensor:
+    """The label of each voxel: its kept point's, or, where that point is unlabelled (-1), the largest label among the
+    voxel's points. With sparse labels (K points a scene) a voxel keeps one of its points at random, which would
+    drop most of the K labels; this keeps each labelled point's label on its voxel."""
+    seg = vox["segment"]
+    if bool((seg >= 0).all()):
+        return seg
+    fill = torch.full_like(seg, -1).scatter_reduce(0, vox["inverse"], vox["point_segment"], "amax")
+    return torch.where(seg >= 0, seg, fill)
 
 
 def collate_supervised(samples: list) -> dict:
@@ -80,8 +93,10 @@ class SupervisedSegmentation(nn.Module):
         if int(y.max()) >= self.n_classes:
             raise MSMError(f"label {int(y.max())} >= n_classes {self.n_classes}")
         logits = self.logits(batch)
-        loss = F.cross_entropy(logits, y, ignore_index=-1, label_smoothing=self.label_smoothing)
         valid = y >= 0
+        # the mean over labelled voxels; 0 (not NaN) for a crop without any, which sparse labels make common
+        loss = F.cross_entropy(logits, y, ignore_index=-1, label_smoothing=self.label_smoothing,
+                               reduction="sum") / valid.sum().clamp(min=1)
         acc = (logits.argmax(1)[valid] == y[valid]).float().mean() if bool(valid.any()) else logits.new_zeros(())
         return {"loss": loss, "acc": acc.detach()}
 
@@ -103,6 +118,11 @@ class BenchRow:
     method: str | None  # pre-training method (`msm.pretrain.get_method`); None: random init, no training
     overrides: dict = field(default_factory=dict)  # dotted PretrainConfig fields changed for this row
     note: str = ""  # what the row shows
+    labels: dict = field(default_factory=dict)  # label budget of the probe, and of training for `supervised`:
+    #   {"labelled_points": K} and/or {"train_fraction": F} (ProbeConfig fields; paper Tables 4 and 5)
+    backbone_of: str | None = None  # key of the row whose pre-trained backbone this row probes (pre-training sees no
+    #   labels, so a label budget does not change it: the backbone is trained once and probed under each budget)
+    task: str = "semantic"  # "semantic" (linear + kNN mIoU) or "instance" (linear instance probe: AP25 / AP50 / mAP)
 
 
 ROWS = {
@@ -145,6 +165,37 @@ class BenchConfig(ConfigBase):
     knn_k: int = 20
     knn_max_per_class: int = 1000
 
+# %% ../nbs/14_learning.ipynb #a1b2c3d5
+# limited annotations (paper Tables 4 and 5): K labelled points per training room, or a share of the rooms
+LABEL_BUDGETS = {"k20": ({"labelled_points": 20}, "20 labelled points per room"),
+                 "k200": ({"labelled_points": 200}, "200 labelled points per room"),
+                 "rooms25": ({"train_fraction": 0.25}, "25 % of the rooms (2 of 8)")}
+for _b, (_labels, _text) in LABEL_BUDGETS.items():
+    ROWS[f"random_{_b}"] = BenchRow(f"random init, {_text}", None, labels=_labels)
+    ROWS[f"msm_{_b}"] = BenchRow(f"MSM, {_text}", "msm", labels=_labels, backbone_of="msm",
+                                 note="the MSM row's backbone, probed on fewer labels")
+    ROWS[f"supervised_{_b}"] = BenchRow(f"supervised, trained on {_text}", "supervised", labels=_labels,
+                                        note="end to end on exactly the labels the probes get")
+ROWS["random_instance"] = BenchRow("random init, instance probe", None, task="instance")
+ROWS["msm_instance"] = BenchRow("MSM, instance probe", "msm", backbone_of="msm", task="instance",
+                                note="paper Table 2: linear heads for class and centre offset, clustering")
+ROW_GROUPS = {"labels": tuple(f"{m}_{b}" for b in LABEL_BUDGETS for m in ("random", "msm", "supervised")),
+              "instance": ("random_instance", "msm_instance")}  # names `--rows` accepts besides row keys
+
+
+def expand_rows(rows) -> tuple:
+    "Row keys from keys and group names (`ROW_GROUPS`, 'all'), in order, without repeats; unknown names are errors."
+    out = []
+    for name in rows:
+        keys = tuple(ROWS) if name == "all" else ROW_GROUPS.get(name, (name,))
+        for k in keys:
+            if k not in ROWS:
+                raise MSMError(f"unknown benchmark row '{k}' (choose from {', '.join(ROWS)}, or a group: "
+                               f"{', '.join(ROW_GROUPS)}, all)")
+            if k not in out:
+                out.append(k)
+    return tuple(out)
+
 # %% ../nbs/14_learning.ipynb #e315ac3e
 def bench_rooms(root, n_train: int = 8, n_val: int = 16, n_points: int = 15_000, seed: int = 0,
                 feat2d_dim: int = 16, verbose: bool = False) -> Path:
@@ -174,34 +225,57 @@ def _pretrain_config(row: BenchRow, seed: int, config: BenchConfig) -> PretrainC
     return pc.replace(**changes) if changes else pc
 
 
-def run_row(key: str, seed: int, data_root, out, config: BenchConfig | None = None, progress: bool = False) -> dict:
-    "Pre-train (unless random) and probe one row with one seed; returns (and caches in out/key/seedS/result.json)."
+def _backbone(key: str, seed: int, data_root, out, config: BenchConfig, progress: bool):
+    "The frozen backbone of one run and its final pre-training loss: random, its own training, or `backbone_of`'s."
     from msm.official import load_backbone
     from msm.pretrain import pretrain
+    from msm.probe import limited_root
+    row = ROWS[key]
+    pc = _pretrain_config(row, seed, config)
+    if row.method is None:
+        return random_backbone(pc.model, seed, device="cpu"), None
+    run_dir = Path(out) / (row.backbone_of or key) / f"seed{seed}"
+    ckpt = run_dir / "pretrain" / "checkpoint.pt"
+    if row.backbone_of:  # the owner's run (read back when done) trained it; only its finished checkpoint is loaded
+        owner = run_row(row.backbone_of, seed, data_root, out, config, progress)
+        return load_backbone(ckpt, device="cpu"), owner.get("final_loss")
+    if row.labels:  # trained on the labels: only the budget's
+        lab = run_dir / "labels"
+        train_root = lab if (lab / "rooms.ready").exists() else None
+        if train_root is None:
+            shutil.rmtree(lab, ignore_errors=True)
+            train_root = limited_root(data_root, lab, seed=seed, **row.labels)
+            (lab / "rooms.ready").write_text(json.dumps(row.labels))
+    else:
+        train_root = data_root
+    summary = pretrain(pc, train_root, run_dir / "pretrain", max_steps=config.steps, method=row.method,
+                       progress=progress, resume=ckpt.exists())
+    return load_backbone(ckpt, device="cpu"), summary.get("loss")
+
+# %% ../nbs/14_learning.ipynb #b7e41c09
+def run_row(key: str, seed: int, data_root, out, config: BenchConfig | None = None, progress: bool = False) -> dict:
+    "Pre-train (unless random) and probe one row with one seed; returns (and caches in out/key/seedS/result.json)."
+    from msm.instance import InstanceConfig, run_instance_probe
     from msm.probe import ProbeConfig, run_probes
     config = config or BenchConfig()
-    if key not in ROWS:
-        raise MSMError(f"unknown benchmark row '{key}' (choose from {', '.join(ROWS)})")
-    row, run_dir = ROWS[key], Path(out) / key / f"seed{seed}"
-    result_file = run_dir / "result.json"
+    row = ROWS[expand_rows([key])[0]]
+    result_file = Path(out) / key / f"seed{seed}" / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    pc = _pretrain_config(row, seed, config)
     t0 = time.perf_counter()
-    if row.method is None:
-        model, loss = random_backbone(pc.model, seed, device="cpu"), None
-    else:
-        ckpt = run_dir / "pretrain" / "checkpoint.pt"
-        summary = pretrain(pc, data_root, run_dir / "pretrain", max_steps=config.steps, method=row.method,
-                           progress=progress, resume=ckpt.exists())
-        model, loss = load_backbone(ckpt, device="cpu"), summary.get("loss")
+    model, loss = _backbone(key, seed, data_root, out, config, progress)
     t1 = time.perf_counter()
     probe_cfg = ProbeConfig(seed=seed, epochs=config.probe_epochs, knn_k=config.knn_k,
-                            knn_max_per_class=config.knn_max_per_class, progress=progress)
+                            knn_max_per_class=config.knn_max_per_class, progress=progress, **row.labels)
     res = {"row": key, "label": row.label, "seed": seed, "method": row.method, "steps": 0 if row.method is None
-           else config.steps, "overrides": {**config.overrides, **row.overrides}, "final_loss": loss}
-    for mode, r in run_probes(model, data_root, ("linear", "knn"), config=probe_cfg).items():
-        res[mode] = {k: r[k] for k in ("miou", "macc", "oa", "per_class_iou")}
+           else config.steps, "overrides": {**config.overrides, **row.overrides}, "labels": row.labels,
+           "backbone_of": row.backbone_of, "task": row.task, "final_loss": loss}
+    if row.task == "instance":
+        r = run_instance_probe(model, data_root, None, InstanceConfig(seed=seed, progress=progress), probe_cfg)
+        res["instance"] = {k: r[k] for k in ("ap25", "ap50", "map", "miou")}
+    else:
+        for mode, r in run_probes(model, data_root, ("linear", "knn"), config=probe_cfg).items():
+            res[mode] = {k: r[k] for k in ("miou", "macc", "oa", "per_class_iou")}
     res.update(pretrain_s=t1 - t0, probe_s=time.perf_counter() - t1, threads=torch.get_num_threads())
     result_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = result_file.with_suffix(".tmp")
@@ -216,26 +290,52 @@ def _run_one(args):
     return run_row(key, seed, data_root, out, config)
 
 
+def bench_tasks(config: BenchConfig) -> list[tuple]:
+    """The (row, seed) runs of `config`, seed by seed (so an interrupted benchmark has whole seeds), each row that
+    borrows a backbone (`backbone_of`) preceded by the run that trains it."""
+    rows = expand_rows(config.rows)
+    tasks = []
+    for s in config.seeds:
+        for k in rows:
+            owner = ROWS[k].backbone_of
+            for t in ((owner, s), (k, s)) if owner else ((k, s),):
+                if t not in tasks:
+                    tasks.append(t)
+    return tasks
+
+
 def run_bench(data_root, out, config: BenchConfig | None = None, jobs: int = 1, progress: bool = True) -> list[dict]:
-    "Every (row, seed) run of `config` (cached ones are read back); returns their results in table order."
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    """Every (row, seed) run of `config` (cached ones are read back); returns the results of the rows asked for, in
+    table order. With `jobs > 1` the runs go to `jobs` processes; a run that borrows a backbone waits for the run that
+    trains it (two processes must not train one backbone)."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     from tqdm.auto import tqdm
     config = config or BenchConfig()
-    unknown = [k for k in config.rows if k not in ROWS]
-    if unknown:
-        raise MSMError(f"unknown benchmark row(s) {unknown} (choose from {', '.join(ROWS)})")
-    tasks = [(k, s) for k in config.rows for s in config.seeds]
-    if jobs <= 1:
-        return [run_row(k, s, data_root, out, config) for k, s in tqdm(tasks, desc="bench", disable=not progress)]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    import multiprocessing as mp
+    tasks, asked = bench_tasks(config), expand_rows(config.rows)
     results = {}
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_one, (k, s, str(data_root), str(out), config, threads)): (k, s) for k, s in tasks}
-        for fut in tqdm(as_completed(futures), total=len(futures), desc="bench", disable=not progress):
-            results[futures[fut]] = fut.result()
-    return [results[t] for t in tasks]
+    if jobs <= 1:
+        for k, s in tqdm(tasks, desc="bench", disable=not progress):
+            results[k, s] = run_row(k, s, data_root, out, config)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        import multiprocessing as mp
+        todo, running = list(tasks), {}
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool, \
+                tqdm(total=len(tasks), desc="bench", disable=not progress) as bar:
+            while todo or running:
+                busy = {(ROWS[k].backbone_of or k, s) for k, s in running.values()}
+                for t in [t for t in todo if (ROWS[t[0]].backbone_of, t[1]) not in busy]:
+                    if len(running) >= jobs:
+                        break
+                    todo.remove(t)
+                    running[pool.submit(_run_one, (*t, str(data_root), str(out), config, threads))] = t
+                    busy.add((ROWS[t[0]].backbone_of or t[0], t[1]))
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    results[running.pop(fut)] = fut.result()
+                    bar.update()
+    return [results[k, s] for k in asked for s in config.seeds]
 
 # %% ../nbs/14_learning.ipynb #7711b214
 def _stats(values: list) -> tuple:
@@ -244,20 +344,23 @@ def _stats(values: list) -> tuple:
 
 
 def bench_table(results: list[dict]) -> str:
-    "Markdown table of benchmark results: mean [min-max] over seeds per row, in the order rows first appear."
+    """Markdown table of the semantic rows: mean [min-max] over seeds per row, in the order rows first appear; the
+    gain is against the random-init row under the same label budget."""
     by_row = {}
     for r in results:
-        by_row.setdefault(r["row"], []).append(r)
-    base = by_row.get("random")
-    base_mean = _stats([r["linear"]["miou"] for r in base])[0] if base else None
+        if r.get("task", "semantic") == "semantic":
+            by_row.setdefault(r["row"], []).append(r)
+    floor = {json.dumps(rs[0].get("labels", {}), sort_keys=True): _stats([r["linear"]["miou"] for r in rs])[0]
+             for rs in by_row.values() if rs[0]["method"] is None}
     lines = ["| row | seeds | linear mIoU | kNN mIoU | linear vs random | min / run |", "|---|---|---|---|---|---|"]
-    for key, rs in by_row.items():
+    for rs in by_row.values():
         cells = []
         for mode in ("linear", "knn"):
             m, lo, hi = _stats([r[mode]["miou"] for r in rs])
             cells.append(f"{m:.1f} [{lo:.1f}-{hi:.1f}]")
-        delta = "" if base_mean is None or key == "random" else \
-            f"{_stats([r['linear']['miou'] for r in rs])[0] - base_mean:+.1f}"
+        base = floor.get(json.dumps(rs[0].get("labels", {}), sort_keys=True))
+        delta = "" if base is None or rs[0]["method"] is None else \
+            f"{_stats([r['linear']['miou'] for r in rs])[0] - base:+.1f}"
         minutes = np.mean([r["pretrain_s"] + r["probe_s"] for r in rs]) / 60
         lines.append(f"| {rs[0]['label']} | {len(rs)} | {cells[0]} | {cells[1]} | {delta} | {minutes:.1f} |")
     return "\n".join(lines) + "\n"
@@ -270,3 +373,61 @@ def separated(results: list[dict], row: str, than: str = "random", mode: str = "
     if not a or not b:
         raise MSMError(f"separated: no results for row '{row if not a else than}'")
     return float(np.mean(a) - np.mean(b)), min(a) > max(b)
+
+# %% ../nbs/14_learning.ipynb #d4f1a7b2
+def instance_table(results: list[dict]) -> str:
+    "Markdown table of the instance rows: AP@25, AP@50, mAP and the semantic head's mIoU, mean [min-max] over seeds."
+    by_row = {}
+    for r in results:
+        if r.get("task") == "instance":
+            by_row.setdefault(r["row"], []).append(r)
+    lines = ["| row | seeds | AP@25 | AP@50 | mAP | semantic mIoU | min / run |", "|---|---|---|---|---|---|---|"]
+    for rs in by_row.values():
+        cells = ["%.1f [%.1f-%.1f]" % _stats([r["instance"][k] for r in rs]) for k in ("ap25", "ap50", "map", "miou")]
+        minutes = np.mean([r["pretrain_s"] + r["probe_s"] for r in rs]) / 60
+        lines.append(f"| {rs[0]['label']} | {len(rs)} | {' | '.join(cells)} | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
+
+# %% ../nbs/14_learning.ipynb #d4f1a7b4
+def label_budget_figure(results: list[dict], path=None):
+    """Linear-probe mIoU against the label budget for random init, MSM and the supervised network: K labelled points
+    per room (20, 200, all) on the left, a share of the rooms against all of them on the right; the marker at the
+    mean over seeds, the bar over their range. Saved to `path` when given; returns the figure."""
+    import matplotlib.pyplot as plt
+    by = {}
+    for r in results:
+        if r.get("task", "semantic") == "semantic":
+            by.setdefault((r["method"] or "random", json.dumps(r.get("labels", {}), sort_keys=True)), []).append(r)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80, gridspec_kw={"width_ratios": [2, 1]})
+    styles = {"random": ("random init", "0.5"), "msm": ("MSM (frozen)", "tab:blue"),
+              "supervised": ("supervised, same labels", "tab:green")}
+    for m, (name, colour) in styles.items():
+        xs, stats = [], []
+        for x, labels in ((20, {"labelled_points": 20}), (200, {"labelled_points": 200}), (2000, {})):
+            rs = by.get((m, json.dumps(labels, sort_keys=True)))
+            if rs:
+                xs.append(x)
+                stats.append(_stats([r["linear"]["miou"] for r in rs]))
+        if xs:
+            mean, lo, hi = map(np.array, zip(*stats))
+            ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, color=colour, label=name)
+        for i, labels in enumerate(({"train_fraction": 0.25}, {})):
+            rs = by.get((m, json.dumps(labels, sort_keys=True)))
+            if rs:
+                mean, lo, hi = _stats([r["linear"]["miou"] for r in rs])
+                off = list(styles).index(m) * 0.25 - 0.25
+                bx.bar(i + off, mean, 0.24, color=colour, alpha=0.8)
+                bx.errorbar(i + off, mean, yerr=[[mean - lo], [hi - mean]], color="k", capsize=2, lw=1)
+    ax.set_xscale("log")
+    ax.set_xticks([20, 200, 2000], ["20", "200", "all"])
+    ax.set_xlabel("labelled points per training room")
+    ax.set_ylabel("linear-probe mIoU (%)")
+    ax.legend(fontsize=8)
+    bx.set_xticks([0, 1], ["25 % of rooms", "all rooms"])
+    bx.set_title("scene share", fontsize=9)
+    fig.suptitle("Limited annotations (tiny preset, 300 steps, 16 validation rooms; mean and min-max of the seeds)",
+                 fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+    return fig
