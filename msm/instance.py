@@ -23,7 +23,7 @@ from .baseline_parts import connected_components
 from .core import ConfigBase, MSMError, model_device
 from .data import list_scenes, load_scene
 from .features import VoxelIndex, extract_point_features
-from .probe import ProbeConfig, _class_setup, _labels, _out_folder, limit_labels, train_scenes
+from .probe import ProbeConfig, _class_setup, _feature_kw, _labels, _out_folder, limit_labels, train_scenes
 
 # %% auto #0
 __all__ = ['AP_THRESHOLDS', 'instance_centres', 'cluster_points', 'SceneInstances', 'scene_instances', 'match_instances',
@@ -334,8 +334,7 @@ def run_instance_probe(model, data_root, out_dir=None, config: InstanceConfig | 
         _out_folder(out_dir)
     train_paths = train_scenes(list_scenes(data_root, train_split), pcfg.train_fraction, pcfg.seed)
     val_paths = list_scenes(data_root, val_split)
-    feat_kw = dict(voxel_size=pcfg.voxel_size, levels=pcfg.level_ids, method=pcfg.method, align=pcfg.align,
-                   empty=pcfg.empty, fragments=pcfg.fragments, seed=pcfg.seed)
+    feat_kw = _feature_kw(pcfg)
     asked = n_classes if n_classes is not None else (len(class_names) if class_names is not None else None)
     dev, t0 = model_device(model), time.perf_counter()
     feats, labels, offsets, has, max_label = [], [], [], [], -1

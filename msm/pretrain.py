@@ -41,7 +41,6 @@ __all__ = ['MSM', 'PretrainConfig', 'replace_fields', 'total_steps', 'warmup_ste
 _NESTED = {"model": HUNetConfig, "objective": ObjectiveConfig, "mask": MaskConfig}
 _RUNTIME = ("num_workers", "log_every", "save_every", "tensorboard", "cache_scenes", "max_skipped_steps",
             "ddp_find_unused", "accum_steps", "keep_every")  # may change on resume
-_AMP = ("bf16", "fp16", "off")
 
 
 @dataclass
@@ -111,24 +110,32 @@ class PretrainConfig(ConfigBase):
     def check(self, source: str = "PretrainConfig") -> PretrainConfig:
         "`MSMError` naming the field when a value has the wrong type or is out of range; returns the config."
         self.check_types(source)
-        at_least = {"batch_size": 1, "epochs": 1, "crop_points": 1, "log_every": 1, "save_every": 1,
-                    "num_workers": 0, "max_skipped_steps": 1, "warmup_epochs": 0, "weight_decay": 0,
-                    "accum_steps": 1, "keep_every": 1}
-        for name, lo in at_least.items():
-            if getattr(self, name) is not None and getattr(self, name) < lo:
-                raise MSMError(f"{source}: {name} = {getattr(self, name)!r} must be at least {lo}")
-        checks = [("lr", self.lr > 0, "must be > 0"), ("max_steps", self.max_steps is None or self.max_steps >= 1,
-                   "must be at least 1 (or null: the length comes from epochs)"),
-                  ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be > 0 (or null: no clipping)"),
-                  ("final_lr_ratio", 0 <= self.final_lr_ratio <= 1, "must lie in [0, 1]"),
-                  ("amp", self.amp in _AMP, f"must be one of {', '.join(_AMP)}"),
-                  ("warmup_epochs", self.warmup_epochs < self.epochs, f"must be below epochs ({self.epochs})"),
-                  ("betas", len(self.betas) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in self.betas),
-                   "must be two numbers in [0, 1)")]
-        for name, ok, why in checks:
-            if not ok:
-                raise MSMError(f"{source}: {name} = {getattr(self, name)!r} {why}")
+        _check_ranges(self, source)
         return self
+
+# %% ../nbs/09_pretrain.ipynb #9c2f4e62
+_AMP = ("bf16", "fp16", "off")
+_AT_LEAST = {"batch_size": 1, "epochs": 1, "crop_points": 1, "log_every": 1, "save_every": 1, "num_workers": 0,
+             "max_skipped_steps": 1, "warmup_epochs": 0, "weight_decay": 0, "accum_steps": 1, "keep_every": 1}
+
+
+def _check_ranges(config: PretrainConfig, source: str = "PretrainConfig") -> None:
+    "`MSMError` naming the first field of `config` whose value is out of its range (the types are checked before)."
+    for name, lo in _AT_LEAST.items():
+        if getattr(config, name) is not None and getattr(config, name) < lo:
+            raise MSMError(f"{source}: {name} = {getattr(config, name)!r} must be at least {lo}")
+    c = config
+    checks = [("lr", c.lr > 0, "must be > 0"), ("max_steps", c.max_steps is None or c.max_steps >= 1,
+               "must be at least 1 (or null: the length comes from epochs)"),
+              ("grad_clip", c.grad_clip is None or c.grad_clip > 0, "must be > 0 (or null: no clipping)"),
+              ("final_lr_ratio", 0 <= c.final_lr_ratio <= 1, "must lie in [0, 1]"),
+              ("amp", c.amp in _AMP, f"must be one of {', '.join(_AMP)}"),
+              ("warmup_epochs", c.warmup_epochs < c.epochs, f"must be below epochs ({c.epochs})"),
+              ("betas", len(c.betas) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in c.betas),
+               "must be two numbers in [0, 1)")]
+    for name, ok, why in checks:
+        if not ok:
+            raise MSMError(f"{source}: {name} = {getattr(config, name)!r} {why}")
 
 # %% ../nbs/09_pretrain.ipynb #aa10b46f
 def replace_fields(cfg, **kw):
@@ -494,6 +501,52 @@ def _setup(config, spec, device, world, local_rank, ckpt, ckpt_path):
         module, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=unused)
     return model, module, optimizer, scaler, dtype
 
+# %% ../nbs/09_pretrain.ipynb #3d7a0b51
+def _loader(data: StepSamples, spec, config, device):
+    "An iterator over the run's micro-batches, built in DataLoader workers pinned to one thread each (`worker_init`)."
+    workers = runs.auto_workers(data.local, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if config.num_workers is None \
+        else config.num_workers
+    return iter(torch.utils.data.DataLoader(
+        data, batch_sampler=data.micro_batches(), num_workers=workers, collate_fn=_WithScenes(spec.collate),
+        pin_memory=device.type == "cuda", worker_init_fn=runs.worker_init if workers else None))
+
+
+def _save(ckpt_path, module, optimizer, config, method, step, total, world, rank, seconds, data_id, state, keep):
+    """Checkpoint after `step`: finite weights checked on every rank (identical weights, so no rank waits at a barrier
+    alone), written by rank 0 between barriers, with `state` (skipped steps, the gradient scaler) and, when `keep`
+    names an epoch, a snapshot of it."""
+    _check_finite(module, step, ckpt_path)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        save_checkpoint(ckpt_path, {**_checkpoint(module, optimizer, config, method, step, total, world, seconds,
+                                                  data_id), **state})
+        if keep is not None:
+            _keep_copy(ckpt_path, keep)
+    if world > 1:
+        dist.barrier()
+
+
+def _step_sums(res: dict, points: int, local: int, world: int, device) -> dict:
+    """What one log line reports of the last step: its losses (`loss*`, the mean over processes weighted by their
+    scenes) and its voxel counts (`voxels_*`) and `points`, summed over processes."""
+    keys = sorted(k for k in res if k.startswith("loss"))
+    counts = sorted(k for k in res if k.startswith("voxels_"))
+    losses = runs.weighted_mean_over_ranks(torch.stack([res[k] for k in keys]).double(), local, world)
+    sums = runs.mean_over_ranks(torch.tensor([float(res[k]) for k in counts] + [points], dtype=torch.float64,
+                                             device=device), world) * world  # summed over processes
+    return {**dict(zip(keys, losses.cpu().tolist())), **dict(zip(counts, sums[:-1].cpu().tolist())),
+            "points": float(sums[-1])}
+
+
+def _kept_epoch(step: int, config, n_scenes: int) -> int | None:
+    "The epoch whose snapshot (`keep_every`) is due after `step`, or None (the step did not cross such an epoch)."
+    if config.keep_every is None:
+        return None
+    now, before = step * config.batch_size // n_scenes, (step - 1) * config.batch_size // n_scenes
+    return now // config.keep_every * config.keep_every if now // config.keep_every > before // config.keep_every \
+        else None
+
 # %% ../nbs/09_pretrain.ipynb #63c217c6
 def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at, rank, world, local_rank,
               stop):
@@ -512,11 +565,7 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
     model, module, optimizer, scaler, dtype = _setup(config, spec, device, world, local_rank, ckpt, ckpt_path)
     start, elapsed = (int(ckpt["step"]), float(ckpt.get("elapsed", 0.0))) if ckpt else (0, 0.0)
     log = RunLog(out, f"pretrain {config.name}", start, total, resume, progress, rank == 0, config.tensorboard)
-    workers = runs.auto_workers(data.local, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if config.num_workers is None \
-        else config.num_workers
-    loader = iter(torch.utils.data.DataLoader(
-        data, batch_sampler=data.micro_batches(), num_workers=workers, collate_fn=_WithScenes(spec.collate),
-        pin_memory=device.type == "cuda", worker_init_fn=runs.worker_init if workers else None))
+    loader = _loader(data, spec, config, device)
     model.train()
     step, t_run, t_log, s_log, points, line = start, time.time(), time.time(), start, 0, {}
     skipped, in_a_row, waited, computed, signal_name = int(ckpt.get("skipped_steps", 0)) if ckpt else 0, 0, 0.0, 0.0, None
@@ -537,33 +586,20 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
                            f"weights untouched since, {_kept(ckpt_path)} (lower lr?)")
         signal_name = stop.agreed(world, device)
         if step % config.log_every == 0 or step in (total, stop_at) or signal_name:
-            keys = sorted(k for k in res if k.startswith("loss"))
-            counts = sorted(k for k in res if k.startswith("voxels_"))
-            losses = runs.weighted_mean_over_ranks(torch.stack([res[k] for k in keys]).double(), data.local, world)
-            sums = runs.mean_over_ranks(torch.tensor([float(res[k]) for k in counts] + [points], dtype=torch.float64,
-                                                device=device), world) * world  # summed over processes
             now, n = time.time(), step - s_log
-            line = {"step": step, "epoch": step * config.batch_size / len(scenes),
-                    **dict(zip(keys, losses.cpu().tolist())), **dict(zip(counts, sums[:-1].cpu().tolist())), **info,
+            sums = _step_sums(res, points, data.local, world, device)
+            n_points = sums.pop("points")
+            line = {"step": step, "epoch": step * config.batch_size / len(scenes), **sums, **info,
                     "skipped_steps": skipped, "time": elapsed + now - t_run, "steps_per_s": n / max(now - t_log, 1e-9),
-                    "points_per_s": float(sums[-1]) / max(now - t_log, 1e-9), "data_s": waited / n,
+                    "points_per_s": n_points / max(now - t_log, 1e-9), "data_s": waited / n,
                     "step_s": computed / n, **runs.peak_memory(device)}
             t_log, s_log, points, waited, computed = now, step, 0, 0.0, 0.0
             log.write(line)
-        epoch_now, epoch_before = step * config.batch_size // len(scenes), (step - 1) * config.batch_size // len(scenes)
-        keep = config.keep_every is not None and epoch_now // config.keep_every > epoch_before // config.keep_every
-        if step % config.save_every == 0 or step == total or keep or signal_name:
-            _check_finite(module, step, ckpt_path)  # on every rank (identical weights), so no rank waits at a barrier alone
-            if world > 1:
-                dist.barrier()
-            if rank == 0:
-                extra = {"skipped_steps": skipped, **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
-                save_checkpoint(ckpt_path, {**_checkpoint(module, optimizer, config, spec.name, step, total, world,
-                                                          elapsed + time.time() - t_run, data_id), **extra})
-                if keep:
-                    _keep_copy(ckpt_path, epoch_now // config.keep_every * config.keep_every)
-            if world > 1:
-                dist.barrier()
+        keep = _kept_epoch(step, config, len(scenes))
+        if step % config.save_every == 0 or step == total or keep is not None or signal_name:
+            state = {"skipped_steps": skipped, **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
+            _save(ckpt_path, module, optimizer, config, spec.name, step, total, world, rank,
+                  elapsed + time.time() - t_run, data_id, state, keep)
         log.bar.update(1)
         if (stop_at is not None and step >= stop_at) or signal_name:
             break

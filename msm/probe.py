@@ -172,6 +172,21 @@ def limit_labels(labels, k: int, seed: int, scene_name: str) -> np.ndarray:
         y[idx[drop]] = -1
     return y
 
+
+def _feature_kw(cfg: ProbeConfig) -> dict:
+    "The keyword arguments of `extract_point_features` that a ProbeConfig sets (the same for every probe engine)."
+    return dict(voxel_size=cfg.voxel_size, levels=cfg.level_ids, method=cfg.method, align=cfg.align, empty=cfg.empty,
+                fragments=cfg.fragments, seed=cfg.seed)
+
+
+def _probe_modes(modes) -> tuple:
+    "`modes` ('linear', 'knn', or several) as a tuple; an `MSMError` for anything else."
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    bad = [m for m in modes if m not in _MODES]
+    if bad or not modes:
+        raise MSMError(f"run_probe: mode must be 'linear' or 'knn', got {bad[0] if bad else 'no mode'!r}")
+    return modes
+
 # %% ../nbs/10_probe.ipynb #9346a7f1
 def limited_root(data_root, out, labelled_points: int | None = None, train_fraction: float = 1.0, seed: int = 0,
                  train_split: str = "train", label_key: str | None = None) -> Path:
@@ -201,6 +216,30 @@ def limited_root(data_root, out, labelled_points: int | None = None, train_fract
                 y = limit_labels(y, labelled_points, seed, scene.name).astype(y.dtype)
             np.save(dest / f"{key}.npy", y)
     return out
+
+# %% ../nbs/10_probe.ipynb #5b1e7c21
+def _write_part(folder: Path, number: int, f: torch.Tensor) -> np.ndarray:
+    "Save features (n, C) as folder/part_NNNNN.npy in float16 and open it again as a read-only memmap."
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"part_{number:05d}.npy"
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=tuple(f.shape))
+    mm[:] = f.numpy()
+    mm.flush()
+    del mm
+    return np.load(path, mmap_mode="r")
+
+
+def _gather_parts(parts: list, offsets: torch.Tensor, idx: torch.Tensor, channels: int) -> torch.Tensor:
+    """Rows `idx` (B,) of the parts laid end to end (part p holds rows offsets[p]:offsets[p + 1]) as float32 (B, C):
+    each part is read once, its rows in file order (memmaps read fastest that way)."""
+    x = torch.empty(len(idx), channels)
+    part = torch.searchsorted(offsets, idx, right=True) - 1  # (B,)
+    for p in part.unique().tolist():
+        sel = (part == p).nonzero().squeeze(1)
+        rows = (idx[sel] - offsets[p]).numpy()
+        order = np.argsort(rows, kind="stable")
+        x[sel[order]] = torch.from_numpy(np.asarray(parts[p][rows[order]], dtype=np.float32))
+    return x
 
 # %% ../nbs/10_probe.ipynb #51726115
 class FeatureStore:
@@ -239,16 +278,11 @@ class FeatureStore:
         self._cat = None
 
     def _write(self, f: torch.Tensor) -> np.ndarray:
-        "Save (n, C) as a float16 .npy in the cache folder and open it as a read-only memmap."
+        "Save (n, C) as part number `_files` of the cache folder (made on first use) and open it as a memmap."
         if self.folder is None:
             self.folder, self._own = Path(tempfile.mkdtemp(prefix="msm_features_")), True
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path, self._files = self.folder / f"part_{self._files:05d}.npy", self._files + 1
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=tuple(f.shape))
-        mm[:] = f.numpy()
-        mm.flush()
-        del mm
-        return np.load(path, mmap_mode="r")
+        self._files += 1
+        return _write_part(self.folder, self._files - 1, f)
 
     def _finish(self):
         if not self.keep:
@@ -270,14 +304,7 @@ class FeatureStore:
         idx = torch.as_tensor(idx).long()
         if not self.on_disk:
             return self._cat.index_select(0, idx), self.labels[idx]
-        x = torch.empty(len(idx), self.channels)
-        part = torch.searchsorted(self.offsets, idx, right=True) - 1  # (B,)
-        for p in part.unique().tolist():
-            sel = (part == p).nonzero().squeeze(1)
-            rows = (idx[sel] - self.offsets[p]).numpy()
-            order = np.argsort(rows, kind="stable")  # memmaps read fastest in file order
-            x[sel[order]] = torch.from_numpy(np.asarray(self.parts[p][rows[order]], dtype=np.float32))
-        return x, self.labels[idx]
+        return _gather_parts(self.parts, self.offsets, idx, self.channels), self.labels[idx]
 
     def close(self) -> None:
         "Drop the features and remove the cache folder when the store created it."
@@ -470,7 +497,7 @@ def score_scenes(model, paths, predictors: dict, n_classes: int, feat_kw: dict, 
                 cms[mode] += confusion_matrix(pred, y, n_classes)
     return cms
 
-
+# %% ../nbs/10_probe.ipynb #60c3d894
 def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig | None = None,
                n_classes: int | None = None, class_names=None, train_split: str | list[str] = "train",
                val_split: str | list[str] = "val", label_key: str | None = None) -> dict:
@@ -480,10 +507,7 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
     Returns {mode: result} (each as `run_probe` returns it) and, with `out_dir`, writes out_dir/<mode>/probe.json
     and confusion.png."""
     cfg = config or ProbeConfig()
-    modes = (modes,) if isinstance(modes, str) else tuple(modes)
-    bad = [m for m in modes if m not in _MODES]
-    if bad or not modes:
-        raise MSMError(f"run_probe: mode must be 'linear' or 'knn', got {bad[0] if bad else 'no mode'!r}")
+    modes = _probe_modes(modes)
     train_paths, val_paths = list_scenes(data_root, train_split), list_scenes(data_root, val_split)
     train_paths = train_scenes(train_paths, cfg.train_fraction, cfg.seed)
     if n_classes is None and class_names is not None:
@@ -491,8 +515,7 @@ def run_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig
     asked = n_classes  # what the loads check labels against; the count found below only sizes the heads
     for mode in modes if out_dir is not None else ():
         _out_folder(Path(out_dir) / mode)
-    feat_kw = dict(voxel_size=cfg.voxel_size, levels=cfg.level_ids, method=cfg.method, align=cfg.align,
-                   empty=cfg.empty, fragments=cfg.fragments, seed=cfg.seed)
+    feat_kw = _feature_kw(cfg)
     dev, t0 = model_device(model), time.perf_counter()
     keep = not (cfg.on_the_fly and "knn" not in modes)  # on-the-fly linear alone needs only the statistics
     store, counts, max_label = FeatureStore(cfg.cache_budget_gb * 1e9, cfg.cache_dir, keep=keep), [], -1

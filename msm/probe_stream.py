@@ -22,9 +22,11 @@ from msm.probe import (
     _MODES,
     ProbeConfig,
     _class_setup,
+    _feature_kw,
     _labels,
     _lr_factor,
     _out_folder,
+    _probe_modes,
     _write_probe,
     knn_predict,
     limit_labels,
@@ -102,7 +104,48 @@ class ChannelStats:
         return mean.float(), (self.sq / n - mean.square()).clamp_min(0).sqrt().float()
 
 # %% ../nbs/10b_probe_stream.ipynb #8a92e33f
-class KnnBank:
+class _ClassBank:
+    "Per class, the `max_per_class` points of smallest key seen so far: keys (n,) float64 and features (n, C)."
+
+    def __init__(self, n_classes: int, max_per_class: int):
+        self.n_classes, self.max_per_class = n_classes, max_per_class
+        self.keys, self.feats = [torch.zeros(0, dtype=torch.float64)] * n_classes, [None] * n_classes
+
+    def __len__(self):
+        return sum(len(k) for k in self.keys)
+
+    def _keep(self, c: int, keys: torch.Tensor, feats: torch.Tensor, limit: int) -> tuple:
+        if len(keys) > limit:
+            sel = keys.topk(limit, largest=False).indices
+            keys, feats = keys[sel], feats[sel]
+        return keys, feats
+
+    def _merge_class(self, c: int, keys: torch.Tensor, feats: torch.Tensor) -> None:
+        if self.feats[c] is not None:
+            keys, feats = torch.cat([self.keys[c], keys]), torch.cat([self.feats[c], feats])
+        self.keys[c], self.feats[c] = self._keep(c, keys, feats, self.max_per_class)
+
+    def merge(self, other: _ClassBank) -> _ClassBank:
+        "Fold another bank (of other scenes, same settings) into this one."
+        for c in range(self.n_classes):
+            if other.feats[c] is not None:
+                self._merge_class(c, other.keys[c], other.feats[c])
+        return self
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "Bank (n_bank, C) L2-normalised and labels (n_bank,), each class's rows in key order."
+        feats, labels = [], []
+        for c in range(self.n_classes):
+            if self.feats[c] is not None and len(self.keys[c]):
+                order = self.keys[c].argsort()
+                feats.append(self.feats[c][order])
+                labels.append(torch.full((len(order),), c, dtype=torch.long))
+        if not feats:
+            raise MSMError("KnnBank: no labelled point was offered")
+        return torch.cat(feats), torch.cat(labels)
+
+# %% ../nbs/10b_probe_stream.ipynb #8a92e341
+class KnnBank(_ClassBank):
     """A memory bank of labelled training points whose size is a setting, not a property of the data set.
 
     Every labelled point gets a random key drawn from (seed, scene index). A scene offers, per class, its `per_scene`
@@ -114,17 +157,8 @@ class KnnBank:
         if min(n_classes, max_per_class, per_scene) < 1:
             raise MSMError(f"KnnBank: n_classes, max_per_class and per_scene must be >= 1, got "
                            f"{n_classes}, {max_per_class}, {per_scene}")
-        self.n_classes, self.max_per_class, self.per_scene, self.seed = n_classes, max_per_class, per_scene, seed
-        self.keys, self.feats = [torch.zeros(0, dtype=torch.float64)] * n_classes, [None] * n_classes
-
-    def __len__(self):
-        return sum(len(k) for k in self.keys)
-
-    def _keep(self, c: int, keys: torch.Tensor, feats: torch.Tensor, limit: int) -> tuple:
-        if len(keys) > limit:
-            sel = keys.topk(limit, largest=False).indices
-            keys, feats = keys[sel], feats[sel]
-        return keys, feats
+        super().__init__(n_classes, max_per_class)
+        self.per_scene, self.seed = per_scene, seed
 
     def add(self, feats: torch.Tensor, labels, scene_index: int) -> None:
         "Offer the points of one scene: features (N, C), labels (N,) (-1 = unlabelled), its index among the scenes."
@@ -141,18 +175,6 @@ class KnnBank:
             f = F.normalize(feats[f.to(feats.device)].float(), dim=1).cpu()  # (m, C) L2-normalised
             self._merge_class(c, k, f)
 
-    def _merge_class(self, c: int, keys: torch.Tensor, feats: torch.Tensor) -> None:
-        if self.feats[c] is not None:
-            keys, feats = torch.cat([self.keys[c], keys]), torch.cat([self.feats[c], feats])
-        self.keys[c], self.feats[c] = self._keep(c, keys, feats, self.max_per_class)
-
-    def merge(self, other: KnnBank) -> KnnBank:
-        "Fold another bank (of other scenes, same settings) into this one."
-        for c in range(self.n_classes):
-            if other.feats[c] is not None:
-                self._merge_class(c, other.keys[c], other.feats[c])
-        return self
-
     def gather(self) -> KnnBank:
         "Merge the banks of every process (each built from its own scenes); every process then holds the same bank."
         rank, world = _world()
@@ -166,18 +188,6 @@ class KnnBank:
                     if f is not None:
                         self._merge_class(c, k, f)
         return self
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        "Bank (n_bank, C) L2-normalised and labels (n_bank,), each class's rows in key order."
-        feats, labels = [], []
-        for c in range(self.n_classes):
-            if self.feats[c] is not None and len(self.keys[c]):
-                order = self.keys[c].argsort()
-                feats.append(self.feats[c][order])
-                labels.append(torch.full((len(order),), c, dtype=torch.long))
-        if not feats:
-            raise MSMError("KnnBank: no labelled point was offered")
-        return torch.cat(feats), torch.cat(labels)
 
 # %% ../nbs/10b_probe_stream.ipynb #604795ba
 def _load_train(path, index: int, cfg: ProbeConfig, asked, label_key) -> dict:
@@ -223,6 +233,24 @@ class CropSteps(torch.utils.data.Dataset):
                                    _scene_rng(self.cfg.seed, epoch, i, 37))) for i in mine]
 
 # %% ../nbs/10b_probe_stream.ipynb #74bb8aa8
+def _summed_step(head: nn.Linear, opt, loss_sum: float, count: int, dev) -> tuple[float, int]:
+    """One optimiser step of `head` on its gradients summed over this process's scenes and over all processes, divided
+    by the global count of labelled points (the loss of one big batch); returns the global (loss sum, count)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in head.parameters()]
+    packed = torch.cat([torch.tensor([loss_sum, count], dtype=torch.float64, device=dev),
+                        *[g.double().flatten() for g in grads]])
+    packed = _sum_ranks(packed, dev)  # one all-reduce per step: the head's gradients and the global counts
+    loss_sum, count = float(packed[0]), int(packed[1])
+    if count:
+        at = 2
+        for p in head.parameters():
+            p.grad = (packed[at:at + p.numel()].view_as(p) / count).to(p.dtype)
+            at += p.numel()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, count
+
+
 def fit_streaming_linear(model, paths, n_classes: int, channels: int, config: ProbeConfig | None = None, mean=None,
                          std=None, feat_kw: dict | None = None, label_key: str | None = None, asked: int | None = None,
                          log: list | None = None) -> nn.Linear:
@@ -263,18 +291,7 @@ def fit_streaming_linear(model, paths, n_classes: int, channels: int, config: Pr
             loss = F.cross_entropy(head((f.float() - mean) / std), y[keep].to(dev), reduction="sum")
             loss.backward()  # accumulates the summed gradient of this scene
             loss_sum, count = loss_sum + float(loss.detach()), count + int(keep.sum())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in head.parameters()]
-        packed = torch.cat([torch.tensor([loss_sum, count], dtype=torch.float64, device=dev),
-                            *[g.double().flatten() for g in grads]])
-        packed = _sum_ranks(packed, dev)  # one all-reduce per step: the head's gradients and the global counts
-        loss_sum, count = float(packed[0]), int(packed[1])
-        if count:
-            at = 2
-            for p in head.parameters():
-                p.grad = (packed[at:at + p.numel()].view_as(p) / count).to(p.dtype)
-                at += p.numel()
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss_sum, count = _summed_step(head, opt, loss_sum, count, dev)
         sched.step()
         if log is not None:
             log.append({"step": step, "loss": loss_sum / count if count else None, "points": count})
@@ -353,47 +370,10 @@ def _first_pass(model, paths, cfg: ProbeConfig, modes, feat_kw, n_classes, asked
             bank.add(f, y, i)
     return stats, bank, counts, channels
 
-# %% ../nbs/10b_probe_stream.ipynb #fdb7ad44
-def run_streaming_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig | None = None,
-                         n_classes: int | None = None, class_names=None, train_split: str | list[str] = "train",
-                         val_split: str | list[str] = "val", label_key: str | None = None) -> dict:
-    """`run_probes` at any scale: memory and disk set by the settings, not by the number of scenes; under `torchrun`.
-
-    1. one pass over whole training scenes: channel statistics of a seeded subset (`stats_scenes`) and, for 'knn',
-       the bounded `KnnBank` over all scenes; 2. 'linear': `fit_streaming_linear` (augmented crops, batches of
-       `batch_scenes`); 3. every original point of every validation scene. Each process works on its share of the
-       scenes; results are summed over processes and only rank 0 writes out_dir/<mode>/probe.json. Returns
-       {mode: result} with the keys of `run_probes` and 'engine': 'stream'."""
-    cfg = config or ProbeConfig()
-    modes = (modes,) if isinstance(modes, str) else tuple(modes)
-    bad = [m for m in modes if m not in _MODES]
-    if bad or not modes:
-        raise MSMError(f"run_probe: mode must be 'linear' or 'knn', got {bad[0] if bad else 'no mode'!r}")
-    rank, world = _world()
-    all_train, val_paths = list_scenes(data_root, train_split), list_scenes(data_root, val_split)
-    train_paths = train_scenes(all_train, cfg.train_fraction, cfg.seed)
-    if n_classes is None and class_names is not None:
-        n_classes = len(class_names)
-    asked = n_classes
-    for mode in modes if out_dir is not None and rank == 0 else ():
-        _out_folder(Path(out_dir) / mode)
-    feat_kw = dict(voxel_size=cfg.voxel_size, levels=cfg.level_ids, method=cfg.method, align=cfg.align,
-                   empty=cfg.empty, fragments=cfg.fragments, seed=cfg.seed)
-    dev, t0 = model_device(model), time.perf_counter()
-    from msm.data import _LABEL_KEYS, _N_CLASSES
-    p0 = Path(train_paths[0])
-    key = label_key or next((k for k in _LABEL_KEYS if (p0 / f"{k}.npy").exists()), None)  # the loader's choice
-    known = n_classes is not None or key in _N_CLASSES or (p0 / "Annotations").is_dir()
-    max_label = -1 if known else _scan_max_label(train_paths, label_key, asked)
-    n_classes, class_names = _class_setup(train_paths, n_classes, class_names, max_label, label_key)
-    stats, bank, counts, channels = _first_pass(model, train_paths, cfg, modes, feat_kw, n_classes, asked, label_key)
-    channels = _max_ranks(channels or 0, dev)
-    counts = int(_sum_ranks(torch.tensor([counts]), dev))
-    stats.reduce(channels, dev)
-    if counts == 0:
-        where = train_split if isinstance(train_split, str) else ",".join(train_split)
-        raise MSMError(f"{Path(data_root) / where}: no labelled points (every label is -1)")
-    t_features, predictors, fit_s, logs = time.perf_counter(), {}, {}, {}
+# %% ../nbs/10b_probe_stream.ipynb #7f3e9a01
+def _fit_stream_modes(model, modes, train_paths, n_classes, channels, cfg, stats, bank, feat_kw, label_key, asked):
+    "Fit each probe of `modes`: {mode: predictor (features -> classes)}, {mode: seconds}, {mode: log}."
+    dev, predictors, fit_s, logs = model_device(model), {}, {}, {}
     for mode in modes:
         t = time.perf_counter()
         if mode == "linear":
@@ -409,6 +389,47 @@ def run_streaming_probes(model, data_root, modes=_MODES, out_dir=None, config: P
                                                                          cfg.knn_temperature, cfg.knn_block)
             logs[mode] = [{"bank_points": len(bank_y)}]
         fit_s[mode] = time.perf_counter() - t
+    return predictors, fit_s, logs
+
+# %% ../nbs/10b_probe_stream.ipynb #fdb7ad44
+def run_streaming_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig | None = None,
+                         n_classes: int | None = None, class_names=None, train_split: str | list[str] = "train",
+                         val_split: str | list[str] = "val", label_key: str | None = None) -> dict:
+    """`run_probes` at any scale: memory and disk set by the settings, not by the number of scenes; under `torchrun`.
+
+    1. one pass over whole training scenes: channel statistics of a seeded subset (`stats_scenes`) and, for 'knn',
+       the bounded `KnnBank` over all scenes; 2. 'linear': `fit_streaming_linear` (augmented crops, batches of
+       `batch_scenes`); 3. every original point of every validation scene. Each process works on its share of the
+       scenes; results are summed over processes and only rank 0 writes out_dir/<mode>/probe.json. Returns
+       {mode: result} with the keys of `run_probes` and 'engine': 'stream'."""
+    cfg = config or ProbeConfig()
+    modes = _probe_modes(modes)
+    rank, world = _world()
+    all_train, val_paths = list_scenes(data_root, train_split), list_scenes(data_root, val_split)
+    train_paths = train_scenes(all_train, cfg.train_fraction, cfg.seed)
+    if n_classes is None and class_names is not None:
+        n_classes = len(class_names)
+    asked = n_classes
+    for mode in modes if out_dir is not None and rank == 0 else ():
+        _out_folder(Path(out_dir) / mode)
+    feat_kw = _feature_kw(cfg)
+    dev, t0 = model_device(model), time.perf_counter()
+    from msm.data import _LABEL_KEYS, _N_CLASSES
+    p0 = Path(train_paths[0])
+    key = label_key or next((k for k in _LABEL_KEYS if (p0 / f"{k}.npy").exists()), None)  # the loader's choice
+    known = n_classes is not None or key in _N_CLASSES or (p0 / "Annotations").is_dir()
+    max_label = -1 if known else _scan_max_label(train_paths, label_key, asked)
+    n_classes, class_names = _class_setup(train_paths, n_classes, class_names, max_label, label_key)
+    stats, bank, counts, channels = _first_pass(model, train_paths, cfg, modes, feat_kw, n_classes, asked, label_key)
+    channels = _max_ranks(channels or 0, dev)
+    counts = int(_sum_ranks(torch.tensor([counts]), dev))
+    stats.reduce(channels, dev)
+    if counts == 0:
+        where = train_split if isinstance(train_split, str) else ",".join(train_split)
+        raise MSMError(f"{Path(data_root) / where}: no labelled points (every label is -1)")
+    t_features = time.perf_counter()
+    predictors, fit_s, logs = _fit_stream_modes(model, modes, train_paths, n_classes, channels, cfg, stats, bank,
+                                                feat_kw, label_key, asked)
     t_fit = time.perf_counter()
     cms = evaluate_scenes(model, val_paths, predictors, n_classes, feat_kw, asked, label_key, cfg.progress)
     t_eval = time.perf_counter()
