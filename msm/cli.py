@@ -29,13 +29,8 @@ def load_backbone(path: str | os.PathLike, device: str | None = None):
     return _load_backbone(path, device)
 
 # %% ../nbs/13_cli.ipynb #c661f26a
-def build_parser() -> argparse.ArgumentParser:
-    "The `msm` argument parser with one sub-parser per command."
-    p = argparse.ArgumentParser(prog="msm", description="Masked Scene Modeling: pre-train, probe and look at 3D scene features.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__import__('msm').__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _add_run_parsers(sub):
+    "The sub-parsers of the two training commands: `msm demo` and `msm pretrain`."
     d = sub.add_parser("demo", help="pre-train tiny on data_samples, probe it against a random twin, write a report",
                        description="The main job on a laptop CPU: pre-train the tiny preset on the sample rooms (300 steps, "
                                    "8-12 minutes on 2 cores), probe it and a randomly initialised twin (linear and kNN), "
@@ -69,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change PretrainConfig fields; dotted names reach sub-configs, values are JSON (else strings), "
                         "e.g. --set lr=0.002 mask.ratio=0.6 objective.loss=cosine objective.visible_weight=1")
 
+# %% ../nbs/13_cli.ipynb #09f74c75
+def _add_probe_parser(sub):
+    "The sub-parser of `msm probe` (linear / kNN, semantic / instance, cached / streamed)."
     r = sub.add_parser("probe", help="linear / kNN probe of a frozen backbone",
                        description="Train a linear or nearest-neighbour probe on frozen multi-resolution point features "
                                    "and evaluate on all points of the val split. Writes OUT/probe.json.")
@@ -109,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--min-points", type=int, default=None, help="--task instance: smallest predicted instance in "
                    "points (default 50, PointGroup's)")
 
+# %% ../nbs/13_cli.ipynb #4b88cea7
+def _add_small_parsers(sub):
+    "The sub-parsers of the smaller commands: `msm features`, `msm viz`, `msm make-samples`."
     f = sub.add_parser("features", help="per-point multi-resolution features of one scene",
                        description="Write the (N, C) per-point features of one scene (all decoder levels, fine to coarse).")
     f.add_argument("--ckpt", required=True, help="checkpoint of msm pretrain, or official MSM weights")
@@ -130,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--points", type=int, default=None, help="points per room (default: the generator's)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT/train and OUT/val when OUT is not empty "
                    "(without it a non-empty OUT is refused)")
+
+# %% ../nbs/13_cli.ipynb #b8db9a76
+def build_parser() -> argparse.ArgumentParser:
+    "The `msm` argument parser with one sub-parser per command."
+    p = argparse.ArgumentParser(prog="msm", description="Masked Scene Modeling: pre-train, probe and look at 3D scene features.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__import__('msm').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_run_parsers(sub)  # demo, pretrain
+    _add_probe_parser(sub)  # probe
+    _add_small_parsers(sub)  # features, viz, make-samples
     return p
 
 # %% ../nbs/13_cli.ipynb #fa8b352b

@@ -127,7 +127,7 @@ def _compiled(fn, device: torch.device):
         _COMPILED[fn.__name__] = triton.jit(fn)
     return _COMPILED[fn.__name__]
 
-
+# %% ../nbs/03b_fused_conv.ipynb #0fde43ad
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -155,7 +155,7 @@ def _on(device: torch.device):
     "Launch on the tensors' GPU (Triton launches on the current CUDA device)."
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
-
+# %% ../nbs/03b_fused_conv.ipynb #747616bf
 def _conv(feats: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     "out (n_dst, C_out) = sum_k feats[table[k]] @ weight[k]; feats (n_src, C_in), weight (K, C_in, C_out) contiguous."
     (n_k, c_in, c_out), n_dst = weight.shape, table.shape[1]

@@ -33,7 +33,7 @@ def check_coords(coords, name: str = "coords") -> torch.Tensor:
         coords = coords.to(torch.int32)
     return coords
 
-
+# %% ../nbs/03a_kernel_maps.ipynb #22103e17
 def _box(coords: torch.Tensor, pad: int = 0):
     "Lower corner and span (python ints) of the bounding box of coords (M, 4), xyz padded by `pad` on each side."
     lo = coords.min(0).values.tolist()
@@ -56,7 +56,7 @@ def voxel_keys(coords: torch.Tensor) -> torch.Tensor:
     coords = check_coords(coords)
     return _keys(coords, *_box(coords)) if len(coords) else torch.zeros(0, dtype=torch.int64, device=coords.device)
 
-
+# %% ../nbs/03a_kernel_maps.ipynb #65b2e692
 class _KeyIndex:
     "Find int64 keys among `keys` (M,): a dense table over [0, volume) when small, else sorted keys + binary search."
 
@@ -165,7 +165,7 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     "t[idx] along dim 0 through index_select (several times faster than advanced indexing on CPU)."
     return t.index_select(0, idx)
 
-
+# %% ../nbs/03a_kernel_maps.ipynb #2f83a8ac
 def _column_finder(ucol: torch.Tensor, n_cells: int):
     "Function mapping column keys to their index in the sorted unique column keys `ucol` (-1 where absent)."
     n = len(ucol)
@@ -224,7 +224,7 @@ def _neighbour_pairs(coords: torch.Tensor, r: int):
                     o, i = _take(perm, o), _take(perm, i)
                 yield (dx, dy, dz), o, i
 
-
+# %% ../nbs/03a_kernel_maps.ipynb #63608fb2
 def kernel_map(coords: torch.Tensor, kernel_size: int = 3) -> KernelMap:
     "Submanifold kernel map of an odd kernel on coords (M, 4): output sites = input sites."
     coords = check_coords(coords)
@@ -296,7 +296,7 @@ class _Plan:
 def _block_pairs(device_type: str) -> int:
     return _BLOCK_PAIRS if device_type == "cpu" else _BLOCK_PAIRS_CUDA
 
-
+# %% ../nbs/03a_kernel_maps.ipynb #09b2afa0
 def _build_plan(src_list, dst_list, n_dst: int, skip: int | None = None, device_type: str | None = None) -> _Plan:
     """The execution plan of `out[dst] += feats[src] @ kernel[k]` over per-offset pair lists (offset `skip` left out),
     in blocks sized for `device_type` (default: the device of the lists)."""
@@ -351,7 +351,7 @@ def _build_plan(src_list, dst_list, n_dst: int, skip: int | None = None, device_
     cmin, cmax = torch.stack([cmin, cmax]).tolist()
     return _Plan(src_e, blocks, cmin >= 1, cmin == cmax == 1, block_pairs)
 
-
+# %% ../nbs/03a_kernel_maps.ipynb #71dcdb79
 def _get_plan(kmap: KernelMap, transposed: bool, device_type: str | None = None) -> _Plan:
     """The (cached) plan of a map run forward (in -> out) or transposed (out -> in). A plan prepared elsewhere (a
     DataLoader worker) is used as it is, whatever its block size: blocks hold whole destination rows and each
@@ -383,7 +383,7 @@ def _run(plan: _Plan, feats, kernel, out, fresh: bool = False):
             out[r0:r1] += F.embedding_bag(bag_idx, y, bag_off, mode="sum")
     return out
 
-
+# %% ../nbs/03a_kernel_maps.ipynb #d0f9f839
 def _grad_kernel_by_offset(kmap: KernelMap, transposed: bool, feats, grad_out, grad_kernel):
     "grad_kernel[k] += feats[src_k]^T @ grad_out[dst_k] straight from the map's per-offset lists (chunks of _BLOCK_PAIRS)."
     src, dst = (kmap.out_idx, kmap.in_idx) if transposed else (kmap.in_idx, kmap.out_idx)
@@ -406,7 +406,7 @@ def _conv(kmap: KernelMap, transposed: bool, feats, kernel):
         return _run(plan, feats, kernel, feats.new_empty(n_out, kernel.shape[2]), fresh=True)
     return _run(plan, feats, kernel, feats.new_zeros(n_out, kernel.shape[2]))
 
-
+# %% ../nbs/03a_kernel_maps.ipynb #de5ee824
 @dataclass(frozen=True)
 class ConvEngine:
     """How `sparse_conv` computes a convolution over a kernel map: `forward(kmap, transposed, feats, kernel)` -> output
@@ -441,7 +441,7 @@ class _SparseConvFunction(torch.autograd.Function):
         grad_bias = grad_out.sum(0) if ctx.has_bias and needs[2] else None
         return grad_feats, grad_kernel, grad_bias, None, None, None
 
-
+# %% ../nbs/03a_kernel_maps.ipynb #4de84e0b
 def _torch_grads(kmap, transposed, feats, kernel, grad_out, needs):
     "Gradients of feats and kernel (None where not needed); gathers recomputed block by block."
     c, grad_feats, grad_kernel = kmap.center, None, None

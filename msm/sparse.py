@@ -78,7 +78,7 @@ class SparseCache:
         out.extras = {k: _move_any(v, device, memo) for k, v in self.extras.items() if k != "torchsparse"}
         return out
 
-
+# %% ../nbs/04_sparse.ipynb #3b97896a
 def _move_any(obj, device, memo: dict):
     "Tensors, caches and maps inside nested dicts / lists / tuples moved with `memo`; other values as they are."
     if isinstance(obj, torch.Tensor):
@@ -259,7 +259,7 @@ def _reparent(km: KernelMap, coarse_coords: torch.Tensor) -> KernelMap:
         out_idx.append(row[o[keep]])
     return KernelMap(in_idx, out_idx, km.offsets, km.n_in, len(coarse_coords), km.in_coords, coarse_coords, "down")
 
-
+# %% ../nbs/04_sparse.ipynb #933b3aba
 class Conv3d(nn.Module):
     "Sparse 3D convolution: submanifold (odd kernel, stride 1), down-sampling or transposed (kernel 2, stride 2)."
 
@@ -397,7 +397,7 @@ class RMSNorm(nn.Module):
     def extra_repr(self):
         return f"{self.scale.shape[0]}, eps={self.eps}"
 
-
+# %% ../nbs/04_sparse.ipynb #42120923
 class LayerNorm(nn.LayerNorm):
     "nn.LayerNorm over channels, for SparseTensors or tensors."
 
@@ -432,7 +432,7 @@ class ReLU(nn.ReLU):
     def forward(self, x):
         return _on_feats(x, super().forward)
 
-
+# %% ../nbs/04_sparse.ipynb #5329d162
 def _scenes(x: SparseTensor) -> int | None:
     "1 + the largest batch index of x, from the prepared per-scene counts of its level (None when not prepared)."
     counts = x.cache.counts.get(x.stride)
