@@ -125,6 +125,29 @@ def _one_to_one(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> tuple[np.ndarray
     first = np.r_[True, (b[1:] != b[:-1]).any(1)]
     return a[first], b[first]
 
+# %% ../nbs/12_baselines.ipynb #2c7e5a90
+def _checked_feat2d(scene: dict, dim: int) -> dict:
+    "The scene with its per-point 2D features 'feat2d' (N, dim) as float32; an `MSMError` when absent or misshapen."
+    f = scene.get("feat2d")
+    if f is None:
+        raise MSMError("distill2d: the scene has no per-point 2D features 'feat2d' (put feat2d.npy, shape (N, D), "
+                       "next to coord.npy; see msm.baselines)")
+    f = np.asarray(f)
+    if f.ndim != 2 or len(f) != len(scene["coord"]) or f.shape[1] != dim:
+        raise MSMError(f"distill2d: feat2d has shape {f.shape}, expected ({len(scene['coord'])}, "
+                       f"{dim}) (BaselineConfig.feat2d_dim)")
+    return {**scene, "feat2d": f.astype(np.float32)}
+
+
+def _with_regions(scene: dict, o: BaselineConfig) -> dict:
+    "The scene with a per-point 'region' array: its own (regions='scene' / 'auto'), or `geometric_regions`."
+    if o.regions == "scene" or (o.regions == "auto" and "region" in scene):
+        if "region" not in scene:
+            raise MSMError("regions='scene' but the scene has no per-point 'region' array (region.npy)")
+        return scene
+    region = geometric_regions(scene, o.region_voxel, o.region_angle, o.region_cell)
+    return {**scene, "region": region.numpy()}
+
 # %% ../nbs/12_baselines.ipynb #a2957b69
 @dataclass
 class BaselineSampler:
@@ -145,11 +168,11 @@ class BaselineSampler:
             raise MSMError(f"mtp masks whole regions, not patches: mask.strategy={self.mask.strategy!r} does not apply "
                            "(use the default 'random')")
         if self.kind == "distill2d":
-            scene, extra = self._check_feat2d(scene), ("feat2d",)
+            scene, extra = _checked_feat2d(scene, o.feat2d_dim), ("feat2d",)
         if self.shared_crop is not None:
             scene = SphereCrop(max_points=self.shared_crop, mode="random")(scene, rng)
         if _NEEDS_REGIONS.get(self.kind) or (self.kind == "distill2d" and o.distill_pool == "region"):
-            scene = self._with_regions(scene)
+            scene = _with_regions(scene, o)
         views = two_views(scene, self.transform, rng) if self.kind == "contrast" else (self.transform(scene, rng),)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         ratio = float(self.mask.ratio_at(step, total_steps))
@@ -174,26 +197,6 @@ class BaselineSampler:
             pa, pb = _one_to_one(ca, cb, w)
             item["pairs"] = (torch.from_numpy(pa), torch.from_numpy(pb))
         return [item]
-
-    def _check_feat2d(self, scene: dict) -> dict:
-        f = scene.get("feat2d")
-        if f is None:
-            raise MSMError("distill2d: the scene has no per-point 2D features 'feat2d' (put feat2d.npy, shape (N, D), "
-                           "next to coord.npy; see msm.baselines)")
-        f = np.asarray(f)
-        if f.ndim != 2 or len(f) != len(scene["coord"]) or f.shape[1] != self.options.feat2d_dim:
-            raise MSMError(f"distill2d: feat2d has shape {f.shape}, expected ({len(scene['coord'])}, "
-                           f"{self.options.feat2d_dim}) (BaselineConfig.feat2d_dim)")
-        return {**scene, "feat2d": f.astype(np.float32)}
-
-    def _with_regions(self, scene: dict) -> dict:
-        o = self.options
-        if o.regions == "scene" or (o.regions == "auto" and "region" in scene):
-            if "region" not in scene:
-                raise MSMError("regions='scene' but the scene has no per-point 'region' array (region.npy)")
-            return scene
-        region = geometric_regions(scene, o.region_voxel, o.region_angle, o.region_cell)
-        return {**scene, "region": region.numpy()}
 
 # %% ../nbs/12_baselines.ipynb #5e1de72e
 def collate_baselines(samples: list) -> dict:

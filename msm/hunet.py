@@ -24,9 +24,6 @@ __all__ = ['HUNetConfig', 'ResNetBlock', 'AttentionBlock', 'MaskedOutput', 'HUNe
            'count_parameters']
 
 # %% ../nbs/06_hunet.ipynb #c744279a
-_BLOCK_TYPES = ("hybrid", "conv", "attention")
-
-
 @dataclass
 class HUNetConfig(ConfigBase):
     "Architecture of a HUNet; per-level tuples are finest level first (level l has stride 2**l)."
@@ -51,22 +48,7 @@ class HUNetConfig(ConfigBase):
     checkpoint: bool = False  # recompute each block in the backward pass (activation memory of one block per level)
 
     def __post_init__(self):
-        n = len(self.channels)
-        for name in ("dec_channels", "resnet_blocks", "att_blocks", "dec_resnet_blocks", "dec_att_blocks"):
-            if len(getattr(self, name)) != n:
-                raise MSMError(f"HUNetConfig: {name} has {len(getattr(self, name))} levels, channels has {n}")
-        if self.dec_channels[-1] != self.channels[-1]:
-            raise MSMError(f"HUNetConfig: the coarsest decoder level must have the encoder's {self.channels[-1]} channels")
-        if self.block_types not in _BLOCK_TYPES:
-            raise MSMError(f"HUNetConfig: block_types must be one of {_BLOCK_TYPES}, got {self.block_types!r}")
-        for c in self.curves:
-            _check_curve(c)
-        if not (0 <= self.drop_path < 1 and 0 <= self.att_drop < 1):
-            raise MSMError("HUNetConfig: drop_path and att_drop must lie in [0, 1)")
-        for side, chans in (("encoder", self.channels), ("decoder", self.dec_channels)):
-            for lv, c in enumerate(chans):
-                if c % self.head_dim:
-                    raise MSMError(f"HUNetConfig: {side} level {lv} has {c} channels, not a multiple of head_dim {self.head_dim}")
+        _check_hunet_config(self)
 
     @classmethod
     def paper(cls) -> HUNetConfig:
@@ -95,6 +77,29 @@ class HUNetConfig(ConfigBase):
         if self.block_types == "attention":
             return [["att"] * (r + a) for r, a in zip(res, att)]
         return [["res"] * r + ["att"] * a for r, a in zip(res, att)]
+
+# %% ../nbs/06_hunet.ipynb #5d8b2f30
+_BLOCK_TYPES = ("hybrid", "conv", "attention")
+
+
+def _check_hunet_config(cfg: HUNetConfig) -> None:
+    "An `MSMError` naming the first inconsistent setting of a HUNetConfig (run when one is made)."
+    n = len(cfg.channels)
+    for name in ("dec_channels", "resnet_blocks", "att_blocks", "dec_resnet_blocks", "dec_att_blocks"):
+        if len(getattr(cfg, name)) != n:
+            raise MSMError(f"HUNetConfig: {name} has {len(getattr(cfg, name))} levels, channels has {n}")
+    if cfg.dec_channels[-1] != cfg.channels[-1]:
+        raise MSMError(f"HUNetConfig: the coarsest decoder level must have the encoder's {cfg.channels[-1]} channels")
+    if cfg.block_types not in _BLOCK_TYPES:
+        raise MSMError(f"HUNetConfig: block_types must be one of {_BLOCK_TYPES}, got {cfg.block_types!r}")
+    for c in cfg.curves:
+        _check_curve(c)
+    if not (0 <= cfg.drop_path < 1 and 0 <= cfg.att_drop < 1):
+        raise MSMError("HUNetConfig: drop_path and att_drop must lie in [0, 1)")
+    for side, chans in (("encoder", cfg.channels), ("decoder", cfg.dec_channels)):
+        for lv, c in enumerate(chans):
+            if c % cfg.head_dim:
+                raise MSMError(f"HUNetConfig: {side} level {lv} has {c} channels, not a multiple of head_dim {cfg.head_dim}")
 
 # %% ../nbs/06_hunet.ipynb #53425f59
 class ResNetBlock(nn.Module):
@@ -241,99 +246,17 @@ class _Full:
     insertion: str
     cache: object
 
-# %% ../nbs/06_hunet.ipynb #03886a08
-class HUNet(nn.Module):
-    "Hybrid sparse-conv / attention U-Net; `forward(x)` -> decoder levels finest first (see the notebook)."
-
-    def __init__(self, config: HUNetConfig | None = None):
-        super().__init__()
-        self.config = cfg = config or HUNetConfig.paper()
-        ch, dch, L = cfg.channels, cfg.dec_channels, len(cfg.channels)
-        self.stem, self.stem_norm = nn.Linear(cfg.in_channels, ch[0]), RMSNorm(ch[0])
-        self.down = nn.ModuleList([_Down(ch[lv], ch[lv + 1]) for lv in range(L - 1)])  # down[l]: level l -> l + 1
-        enc_kinds, dec_kinds = cfg.layout(), cfg.layout(decoder=True)
-        dps = iter(_linspace(cfg.drop_path, sum(map(len, enc_kinds))))
-        self.enc = nn.ModuleList([_Stage(k, ch[lv], cfg, [next(dps) for _ in k]) for lv, k in enumerate(enc_kinds)])
-        self.dec_norm = RMSNorm(dch[-1])
-        self.up = nn.ModuleList([_Up(dch[lv + 1], dch[lv]) for lv in range(L - 1)])  # up[l]: level l + 1 -> l
-        self.skip = nn.ModuleList([_Skip(ch[lv], dch[lv]) for lv in range(L - 1)])
-        dps = iter(_linspace(cfg.drop_path, sum(map(len, dec_kinds)))[::-1])  # decoder order: coarsest first
-        stages = {lv: _Stage(dec_kinds[lv], dch[lv], cfg, [next(dps) for _ in dec_kinds[lv]]) for lv in reversed(range(L))}
-        self.dec = nn.ModuleList([stages[lv] for lv in range(L)])
-
-    n_levels = property(lambda self: len(self.config.channels), doc="Number of levels.")
-    level_channels = property(lambda self: list(self.config.dec_channels), doc="Output channels per level, finest first.")
-    token_channels = property(lambda self: list(self.config.dec_channels), doc="Mask-token channels per level, finest first.")
-
-    def _curves(self, stage: _Stage, perms=None) -> list:
-        """The curve of every attention block of `stage` for this forward; with `shuffle_curves`, the next permutation
-        of `perms` (an iterator over draws made by the data pipeline) when it has one of the right length, else drawn."""
-        cv = self.config.curves
-        if not stage.n_att:
-            return []
-        perm = next(perms, None) if perms is not None and self.config.shuffle_curves else None
-        if perm is None or len(perm) != len(cv):
-            perm = torch.randperm(len(cv)).tolist() if self.config.shuffle_curves else list(range(len(cv)))
-        return [cv[perm[j % len(cv)]] for j in range(stage.n_att)]
+# %% ../nbs/06_hunet.ipynb #4e2a6c10
+class _Inputs:
+    """Part of `HUNet` (mixed in): what it makes of its input. `_check` refuses what is not one; `_masked_view` turns a
+    masked input into the encoder's input (the visible voxels) and the decoder's full voxel sets of every level
+    (`_Full`), from what `prepare_input` left in the cache or built here."""
 
     def _check(self, x):
         if not isinstance(x, SparseTensor):
             raise MSMError(f"HUNet expects a msm.sparse.SparseTensor, got {type(x).__name__}")
         if x.feats.shape[1] != self.config.in_channels:
             raise MSMError(f"HUNet: expected {self.config.in_channels} input channels, got {x.feats.shape[1]}")
-
-    def encode(self, x: SparseTensor, perms=None) -> list:
-        "Encoder levels (SparseTensors, finest first); `perms` an optional iterator of curve permutations (see `_curves`)."
-        self._check(x)
-        h = x.replace_feats(self.stem_norm(self.stem(x.feats)))  # (M, C0)
-        levels = []
-        for lv, stage in enumerate(self.enc):
-            if lv:
-                h = self.down[lv - 1](h)  # stride 2**lv
-            h = stage(h, self._curves(stage, perms))
-            levels.append(h)
-        return levels
-
-    def decode(self, enc: list, full: _Full | None = None, perms=None) -> list:
-        "Decoder levels (finest first) on the encoder's voxel sets, or on the full sets of a masked view."
-        L = len(enc)
-        h = self._fill(enc[-1].feats, L - 1, full, top=True)
-        h = enc[-1].replace_feats(h) if full is None else \
-            SparseTensor(h, full.coords[-1], enc[-1].stride, cache=full.cache, check=False)
-        h = self.dec[-1](self.dec_norm(h), self._curves(self.dec[-1], perms))
-        outs = [h]
-        for lv in reversed(range(L - 1)):
-            up = self.up[lv](h, enc[lv] if full is None else full.coords[lv])  # (M_l, C_l) on the level's voxels
-            skip = self._fill(self.skip[lv].project(enc[lv].feats), lv, full, top=False)
-            h = self.dec[lv](up.replace_feats(up.feats * self.skip[lv].gamma + skip), self._curves(self.dec[lv], perms))
-            outs.insert(0, h)
-        return outs
-
-    def _fill(self, feats: torch.Tensor, lv: int, full: _Full | None, top: bool) -> torch.Tensor:
-        "Encoder-side features of level lv on the decoder's voxels: as they are, or scattered + tokens where masked."
-        if full is None:
-            return feats
-        out = feats.new_zeros(len(full.masked[lv]), feats.shape[1]).index_copy(0, full.rows[lv], feats)
-        if full.tokens is not None and (top or full.insertion == "bottom_up"):
-            out = torch.where(full.masked[lv][:, None], full.tokens[lv].to(out.dtype), out)
-        return out
-
-    def forward(self, x: SparseTensor, mask: torch.Tensor | None = None, mask_tokens: list | None = None,
-                insertion: str = "bottom_up", curve_perms: list | None = None):
-        """Decoder levels finest first; with `mask`, a `MaskedOutput` (levels on the full voxel sets, masked rows).
-        `curve_perms`: curve permutations drawn by the data pipeline, used in turn by the stages with attention
-        (`shuffle_curves`); None draws them here. Maps, orders and the masked view prepared in x's cache
-        (`prepare_input`) are used, anything missing is built on the fly."""
-        perms = iter(curve_perms) if curve_perms is not None else None
-        if mask is None:
-            return self.decode(self.encode(x, perms), perms=perms)
-        full, visible = self._masked_view(x, mask, mask_tokens, insertion)
-        enc = self.encode(visible, perms)
-        if len(full.rows) < len(enc):  # not prepared: find the encoder's voxels among the full sets now
-            full.rows = [full.rows[0]] + [lookup(e.coords, c) for e, c in zip(enc[1:], full.coords[1:])]
-            for lv in range(1, len(enc)):
-                full.masked[lv][full.rows[lv]] = False
-        return MaskedOutput(self.decode(enc, full, perms), full.masked)
 
     def _masked_view(self, x, mask, mask_tokens, insertion):
         "The full voxel sets of x (cached in x.cache) and x restricted to its visible rows."
@@ -370,6 +293,99 @@ class HUNet(nn.Module):
         masked = [mask.clone()] + [torch.ones(len(c), dtype=torch.bool, device=mask.device) for c in coords[1:]]
         visible = SparseTensor(x.feats.index_select(0, keep), x.coords.index_select(0, keep), x.stride, check=False)
         return _Full(coords, [keep], masked, mask_tokens, insertion, cache), visible
+
+# %% ../nbs/06_hunet.ipynb #4e2a6c12
+class _BottomUpDecoder:
+    """Part of `HUNet` (mixed in): the decoder, from the coarsest level to the finest, on the encoder's voxel sets or,
+    for a masked view, on the full sets with mask tokens where the encoder saw nothing (`_fill`)."""
+
+    def decode(self, enc: list, full: _Full | None = None, perms=None) -> list:
+        "Decoder levels (finest first) on the encoder's voxel sets, or on the full sets of a masked view."
+        L = len(enc)
+        h = self._fill(enc[-1].feats, L - 1, full, top=True)
+        h = enc[-1].replace_feats(h) if full is None else \
+            SparseTensor(h, full.coords[-1], enc[-1].stride, cache=full.cache, check=False)
+        h = self.dec[-1](self.dec_norm(h), self._curves(self.dec[-1], perms))
+        outs = [h]
+        for lv in reversed(range(L - 1)):
+            up = self.up[lv](h, enc[lv] if full is None else full.coords[lv])  # (M_l, C_l) on the level's voxels
+            skip = self._fill(self.skip[lv].project(enc[lv].feats), lv, full, top=False)
+            h = self.dec[lv](up.replace_feats(up.feats * self.skip[lv].gamma + skip), self._curves(self.dec[lv], perms))
+            outs.insert(0, h)
+        return outs
+
+    def _fill(self, feats: torch.Tensor, lv: int, full: _Full | None, top: bool) -> torch.Tensor:
+        "Encoder-side features of level lv on the decoder's voxels: as they are, or scattered + tokens where masked."
+        if full is None:
+            return feats
+        out = feats.new_zeros(len(full.masked[lv]), feats.shape[1]).index_copy(0, full.rows[lv], feats)
+        if full.tokens is not None and (top or full.insertion == "bottom_up"):
+            out = torch.where(full.masked[lv][:, None], full.tokens[lv].to(out.dtype), out)
+        return out
+
+# %% ../nbs/06_hunet.ipynb #03886a08
+class HUNet(_Inputs, _BottomUpDecoder, nn.Module):
+    "Hybrid sparse-conv / attention U-Net; `forward(x)` -> decoder levels finest first (see the notebook)."
+
+    def __init__(self, config: HUNetConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or HUNetConfig.paper()
+        ch, dch, L = cfg.channels, cfg.dec_channels, len(cfg.channels)
+        self.stem, self.stem_norm = nn.Linear(cfg.in_channels, ch[0]), RMSNorm(ch[0])
+        self.down = nn.ModuleList([_Down(ch[lv], ch[lv + 1]) for lv in range(L - 1)])  # down[l]: level l -> l + 1
+        enc_kinds, dec_kinds = cfg.layout(), cfg.layout(decoder=True)
+        dps = iter(_linspace(cfg.drop_path, sum(map(len, enc_kinds))))
+        self.enc = nn.ModuleList([_Stage(k, ch[lv], cfg, [next(dps) for _ in k]) for lv, k in enumerate(enc_kinds)])
+        self.dec_norm = RMSNorm(dch[-1])
+        self.up = nn.ModuleList([_Up(dch[lv + 1], dch[lv]) for lv in range(L - 1)])  # up[l]: level l + 1 -> l
+        self.skip = nn.ModuleList([_Skip(ch[lv], dch[lv]) for lv in range(L - 1)])
+        dps = iter(_linspace(cfg.drop_path, sum(map(len, dec_kinds)))[::-1])  # decoder order: coarsest first
+        stages = {lv: _Stage(dec_kinds[lv], dch[lv], cfg, [next(dps) for _ in dec_kinds[lv]]) for lv in reversed(range(L))}
+        self.dec = nn.ModuleList([stages[lv] for lv in range(L)])
+
+    n_levels = property(lambda self: len(self.config.channels), doc="Number of levels.")
+    level_channels = property(lambda self: list(self.config.dec_channels), doc="Output channels per level, finest first.")
+    token_channels = property(lambda self: list(self.config.dec_channels), doc="Mask-token channels per level, finest first.")
+
+    def _curves(self, stage: _Stage, perms=None) -> list:
+        """The curve of every attention block of `stage` for this forward; with `shuffle_curves`, the next permutation
+        of `perms` (an iterator over draws made by the data pipeline) when it has one of the right length, else drawn."""
+        cv = self.config.curves
+        if not stage.n_att:
+            return []
+        perm = next(perms, None) if perms is not None and self.config.shuffle_curves else None
+        if perm is None or len(perm) != len(cv):
+            perm = torch.randperm(len(cv)).tolist() if self.config.shuffle_curves else list(range(len(cv)))
+        return [cv[perm[j % len(cv)]] for j in range(stage.n_att)]
+
+    def encode(self, x: SparseTensor, perms=None) -> list:
+        "Encoder levels (SparseTensors, finest first); `perms` an optional iterator of curve permutations (see `_curves`)."
+        self._check(x)
+        h = x.replace_feats(self.stem_norm(self.stem(x.feats)))  # (M, C0)
+        levels = []
+        for lv, stage in enumerate(self.enc):
+            if lv:
+                h = self.down[lv - 1](h)  # stride 2**lv
+            h = stage(h, self._curves(stage, perms))
+            levels.append(h)
+        return levels
+
+    def forward(self, x: SparseTensor, mask: torch.Tensor | None = None, mask_tokens: list | None = None,
+                insertion: str = "bottom_up", curve_perms: list | None = None):
+        """Decoder levels finest first; with `mask`, a `MaskedOutput` (levels on the full voxel sets, masked rows).
+        `curve_perms`: curve permutations drawn by the data pipeline, used in turn by the stages with attention
+        (`shuffle_curves`); None draws them here. Maps, orders and the masked view prepared in x's cache
+        (`prepare_input`) are used, anything missing is built on the fly."""
+        perms = iter(curve_perms) if curve_perms is not None else None
+        if mask is None:
+            return self.decode(self.encode(x, perms), perms=perms)
+        full, visible = self._masked_view(x, mask, mask_tokens, insertion)
+        enc = self.encode(visible, perms)
+        if len(full.rows) < len(enc):  # not prepared: find the encoder's voxels among the full sets now
+            full.rows = [full.rows[0]] + [lookup(e.coords, c) for e, c in zip(enc[1:], full.coords[1:])]
+            for lv in range(1, len(enc)):
+                full.masked[lv][full.rows[lv]] = False
+        return MaskedOutput(self.decode(enc, full, perms), full.masked)
 
 # %% ../nbs/06_hunet.ipynb #7a1c0e02
 def _prepare_levels(coords: torch.Tensor, n_levels: int, stride: int, subm: set, att: set, curves, kernel_size: int,

@@ -301,8 +301,39 @@ def _loss_rows(batch: dict, lv: int, s_coords, t_coords, masked, masked_only: bo
     return {"s_coords": s_coords, "t_coords": t_coords, "rows_s": rows_s, "rows_t": rows_t, "w": w, "voxels": voxels,
             "inv": inv, "b": b, "counts": counts, "n_vox": len(voxels)}
 
+# %% ../nbs/08_objective.ipynb #6a3d9e20
+class _LevelLoss:
+    """Part of `MaskedSceneModel` (mixed in): the loss of one level. The teacher's features of the matched voxels are
+    normalised (`target_norm`) and scatter-averaged onto the student's voxels they share points with; the level's
+    head predicts them from the student's features; the per-voxel loss is averaged per scene (masked voxels weigh 1,
+    visible ones `visible_weight`)."""
+
+    def _level_loss(self, lv: int, s: SparseTensor, t: SparseTensor, masked: torch.Tensor | None, batch: dict,
+                    n_items: int, plan: StepPlan | None = None) -> tuple[torch.Tensor, int]:
+        "Per-scene mean loss (B,) at level `lv` and the number of voxels in it."
+        vis_w = self.config.visible_weight if masked is not None else 1.0  # without masking every voxel counts
+        variant = "masked" if vis_w == 0 else "all"
+        r = plan.loss.get((lv, variant)) if plan is not None else None
+        if r is None or not (_same(r["s_coords"], s.coords) and _same(r["t_coords"], t.coords)):
+            r = _loss_rows(batch, lv, s.coords, t.coords, masked, vis_w == 0, n_items)  # not prepared: now
+        rows_t, w, voxels, inv, b = r["rows_t"], r["w"], r["voxels"], r["inv"], r["b"]
+        tf = normalise_targets(t.feats.float(), t.coords[:, 0], n_items, self.config.target_norm)  # (Mt, C)
+        num = tf.new_zeros(len(voxels), tf.shape[1]).index_add_(0, inv, tf[rows_t] * w.unsqueeze(1))  # (V, C)
+        den = tf.new_zeros(len(voxels)).index_add_(0, inv, w)  # (V,)
+        target = num / den.unsqueeze(1)  # (V, C) scatter-mean over the shared points
+        pred = self.heads[lv](s.feats[voxels]).float()  # (V, C)
+        per_voxel = feature_loss(pred, target, self.config.loss, self.config.smooth_l1_beta)  # (V,)
+        if vis_w in (0, 1):  # plain mean over the voxels in the loss
+            sums = per_voxel.new_zeros(n_items).index_add_(0, b, per_voxel)  # (B,)
+            counts = r["counts"]  # (B,) voxels per scene, at least 1
+        else:  # weighted mean: masked voxels weigh 1, visible ones vis_w
+            vw = torch.where(masked[voxels], 1.0, vis_w).to(per_voxel.dtype)  # (V,)
+            sums = per_voxel.new_zeros(n_items).index_add_(0, b, per_voxel * vw)  # (B,)
+            counts = per_voxel.new_zeros(n_items).index_add_(0, b, vw).clamp_min(1e-12)  # (B,)
+        return sums / counts, r["n_vox"]
+
 # %% ../nbs/08_objective.ipynb #3716e205
-class MaskedSceneModel(EMATeacher, nn.Module):
+class MaskedSceneModel(_LevelLoss, EMATeacher, nn.Module):
     "Student HUNet + EMA teacher + per-level mask tokens and predictor heads; `forward(batch)` -> dict of losses."
 
     def __init__(self, model_config: HUNetConfig, config: ObjectiveConfig | None = None):
@@ -357,27 +388,3 @@ class MaskedSceneModel(EMATeacher, nn.Module):
             res[f"loss_l{lv}"], res[f"voxels_l{lv}"] = level_loss.detach(), n_vox
         res["loss"] = total
         return res
-
-    def _level_loss(self, lv: int, s: SparseTensor, t: SparseTensor, masked: torch.Tensor | None, batch: dict,
-                    n_items: int, plan: StepPlan | None = None) -> tuple[torch.Tensor, int]:
-        "Per-scene mean loss (B,) at level `lv` and the number of voxels in it."
-        vis_w = self.config.visible_weight if masked is not None else 1.0  # without masking every voxel counts
-        variant = "masked" if vis_w == 0 else "all"
-        r = plan.loss.get((lv, variant)) if plan is not None else None
-        if r is None or not (_same(r["s_coords"], s.coords) and _same(r["t_coords"], t.coords)):
-            r = _loss_rows(batch, lv, s.coords, t.coords, masked, vis_w == 0, n_items)  # not prepared: now
-        rows_t, w, voxels, inv, b = r["rows_t"], r["w"], r["voxels"], r["inv"], r["b"]
-        tf = normalise_targets(t.feats.float(), t.coords[:, 0], n_items, self.config.target_norm)  # (Mt, C)
-        num = tf.new_zeros(len(voxels), tf.shape[1]).index_add_(0, inv, tf[rows_t] * w.unsqueeze(1))  # (V, C)
-        den = tf.new_zeros(len(voxels)).index_add_(0, inv, w)  # (V,)
-        target = num / den.unsqueeze(1)  # (V, C) scatter-mean over the shared points
-        pred = self.heads[lv](s.feats[voxels]).float()  # (V, C)
-        per_voxel = feature_loss(pred, target, self.config.loss, self.config.smooth_l1_beta)  # (V,)
-        if vis_w in (0, 1):  # plain mean over the voxels in the loss
-            sums = per_voxel.new_zeros(n_items).index_add_(0, b, per_voxel)  # (B,)
-            counts = r["counts"]  # (B,) voxels per scene, at least 1
-        else:  # weighted mean: masked voxels weigh 1, visible ones vis_w
-            vw = torch.where(masked[voxels], 1.0, vis_w).to(per_voxel.dtype)  # (V,)
-            sums = per_voxel.new_zeros(n_items).index_add_(0, b, per_voxel * vw)  # (B,)
-            counts = per_voxel.new_zeros(n_items).index_add_(0, b, vw).clamp_min(1e-12)  # (B,)
-        return sums / counts, r["n_vox"]
