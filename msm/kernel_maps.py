@@ -362,21 +362,31 @@ def _get_plan(kmap: KernelMap, transposed: bool, device_type: str | None = None)
     return kmap._plans[transposed]
 
 
-def _run(plan: _Plan, feats, kernel, out, fresh: bool = False):
-    "out[r] (+)= sum over the pairs of row r of feats[src] @ kernel[k], block by block; `fresh`: out is uninitialised."
+def _run(plan: _Plan, feats, kernel, out, fresh: bool = False, grad=None):
+    """out[r] (+)= sum over the pairs of row r of feats[src] @ kernel[k], block by block; `fresh`: out is uninitialised.
+    `grad = (rows, x, grad_kernel)`: also grad_kernel[k] += x[rows]^T @ feats[src] over the pairs of offset k, where
+    `rows` (P,) are the plan's destination rows in execution order (the backward of a down / transposed map)."""
     if not plan.blocks:
         return out.zero_() if fresh else out
     pmax = max(b[1] - b[0] for b in plan.blocks)
     gbuf, ybuf = feats.new_empty(pmax, feats.shape[1]), feats.new_empty(pmax, kernel.shape[2])
+    xbuf = None if grad is None else feats.new_empty(pmax, grad[1].shape[1])
     for e0, e1, r0, r1, segs, bag_idx, bag_off in plan.blocks:
         g = torch.index_select(feats, 0, plan.src[e0:e1], out=gbuf[:e1 - e0])  # (n, C_in) gathered rows
         y = ybuf[:e1 - e0]
+        # the kernel gradient of offset k pairs these gathered rows with the rows of x at the pairs' destinations:
+        # reusing `g` while it is still in cache saves a second gather of it and a second pass over memory
+        xg = None if grad is None else torch.index_select(grad[1], 0, grad[0][e0:e1], out=xbuf[:e1 - e0])
         for k, s, e in segs:
             torch.mm(g[s:e], kernel[k], out=y[s:e])  # (n_k, C_out) one matmul per offset
+            if xg is not None:
+                grad[2][k].addmm_(xg[s:e].t(), g[s:e])
         if plan.single and fresh:
             torch.index_select(y, 0, bag_idx, out=out[r0:r1])
         elif plan.single:
             out[r0:r1] += y.index_select(0, bag_idx)
+        elif fresh and r1 - r0 == len(out):  # one block holds every row: its sums are the output (no copy)
+            out = F.embedding_bag(bag_idx, y, bag_off, mode="sum")
         elif fresh:
             out[r0:r1] = F.embedding_bag(bag_idx, y, bag_off, mode="sum")  # (r1 - r0, C_out) gather + sum
         else:
@@ -449,6 +459,21 @@ def _torch_grads(kmap, transposed, feats, kernel, grad_out, needs):
         if c is not None:  # submanifold: offset K-1-k undoes offset k, so reuse the forward plan
             grad_feats = _run(_get_plan(kmap, False), grad_out, kernel.flip(0).transpose(1, 2),
                               torch.mm(grad_out, kernel[c].t()))
+        elif needs[1]:  # the map run the other way, the kernel gradient taken from the same gathered rows
+            plan, key = _get_plan(kmap, not transposed), ("rows", not transposed)
+            if key not in kmap._plans:  # destination row of every pair in execution order, built once per map
+                rows = torch.empty(len(plan.src), dtype=torch.int32, device=plan.src.device)
+                for e0, e1, r0, r1, _, bag_idx, bag_off in plan.blocks:
+                    n = torch.diff(bag_off.long(), append=bag_off.new_tensor([e1 - e0]).long())  # pairs per row
+                    rows[e0:e1].scatter_(0, bag_idx.long(), torch.repeat_interleave(
+                        torch.arange(r0, r1, dtype=torch.int32, device=rows.device), n, output_size=e1 - e0))
+                kmap._plans[key] = rows
+            grad_kernel = torch.zeros_like(kernel)
+            out = grad_out.new_empty(len(feats), kernel.shape[1]) if plan.covers else grad_out.new_zeros(
+                len(feats), kernel.shape[1])
+            grad_feats = _run(plan, grad_out, kernel.transpose(1, 2), out, fresh=plan.covers,
+                              grad=(kmap._plans[key], feats, grad_kernel))
+            return grad_feats, grad_kernel
         else:  # the map run the other way, with transposed weights
             grad_feats = _conv(kmap, not transposed, grad_out, kernel.transpose(1, 2))
     if needs[1]:
