@@ -248,7 +248,7 @@ def downsample(coords: torch.Tensor, stride: int = 2) -> tuple[torch.Tensor, Ker
     if stride != 2:
         raise MSMError(f"downsample supports stride 2 (kernel 2), got {stride}")
     dev = coords.device
-    parent_xyz = torch.div(coords[:, 1:], 2, rounding_mode="floor")
+    parent_xyz = coords[:, 1:] >> 1  # floor(c / 2), also for negative c (an arithmetic shift)
     pc = torch.cat([coords[:, :1], parent_xyz], 1)  # (M, 4) parent of every fine voxel
     K = 8
     if len(coords) == 0:
@@ -256,14 +256,12 @@ def downsample(coords: torch.Tensor, stride: int = 2) -> tuple[torch.Tensor, Ker
         return pc, KernelMap([e] * K, [e] * K, kernel_offsets(2, dev), 0, 0, coords, pc, "down", e)
     lo, span = _box(pc)
     ukeys, parent = torch.unique(_keys(pc, lo, span), return_inverse=True)  # sorted keys = (b, x, y, z) order
-    rest = ukeys
-    cols = []
-    for s in (span[3], span[2], span[1]):
-        cols.append(rest % s)
-        rest = torch.div(rest, s, rounding_mode="floor")
-    out_coords = (torch.stack([rest] + cols[::-1], 1) + torch.tensor(lo, device=dev)).int()  # (M_coarse, 4)
-    odd = (coords[:, 1:] - 2 * parent_xyz).long()  # (M, 3) in {0, 1}
-    k_of = odd[:, 0] * 4 + odd[:, 1] * 2 + odd[:, 2]  # z fastest, as kernel_offsets(2)
+    # a coarse voxel's coords are the parent coords of any of its children: one gather (decoding the keys costs
+    # a division and a remainder per column)
+    child = torch.empty(len(ukeys), dtype=torch.int64, device=dev).scatter_(0, parent, torch.arange(len(pc), device=dev))
+    out_coords = _take(pc, child)  # (M_coarse, 4) int32
+    odd = coords[:, 1:] & 1  # (M, 3) c - 2 floor(c / 2), in {0, 1}
+    k_of = (odd << torch.tensor([2, 1, 0], dtype=odd.dtype, device=dev)).sum(1)  # z fastest, as kernel_offsets(2)
     order = torch.sort(k_of * len(ukeys) + parent).indices  # by offset, then coarse row
     in_idx = list(torch.split(order, torch.bincount(k_of, minlength=K).tolist()))
     out_idx = [_take(parent, i) for i in in_idx]
