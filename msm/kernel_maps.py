@@ -461,8 +461,8 @@ def _torch_grads(kmap, transposed, feats, kernel, grad_out, needs):
     c, grad_feats, grad_kernel = kmap.center, None, None
     if needs[0]:
         if c is not None:  # submanifold: offset K-1-k undoes offset k, so reuse the forward plan
-            grad_feats = _run(_get_plan(kmap, False), grad_out, kernel.flip(0).transpose(1, 2),
-                              torch.mm(grad_out, kernel[c].t()))
+            grad_feats = _run(_get_plan(kmap, False), grad_out, kernel.flip(0).transpose(1, 2).contiguous(),
+                              torch.mm(grad_out, kernel[c].t()))  # contiguous: the matmuls run faster
         elif needs[1]:  # the map run the other way, the kernel gradient taken from the same gathered rows
             plan, key = _get_plan(kmap, not transposed), ("rows", not transposed)
             if key not in kmap._plans:  # destination row of every pair in execution order, built once per map
@@ -475,11 +475,11 @@ def _torch_grads(kmap, transposed, feats, kernel, grad_out, needs):
             grad_kernel = torch.zeros_like(kernel)
             out = grad_out.new_empty(len(feats), kernel.shape[1]) if plan.covers else grad_out.new_zeros(
                 len(feats), kernel.shape[1])
-            grad_feats = _run(plan, grad_out, kernel.transpose(1, 2), out, fresh=plan.covers,
+            grad_feats = _run(plan, grad_out, kernel.transpose(1, 2).contiguous(), out, fresh=plan.covers,
                               grad=(kmap._plans[key], feats, grad_kernel))
             return grad_feats, grad_kernel
         else:  # the map run the other way, with transposed weights
-            grad_feats = _conv(kmap, not transposed, grad_out, kernel.transpose(1, 2))
+            grad_feats = _conv(kmap, not transposed, grad_out, kernel.transpose(1, 2).contiguous())
     if needs[1]:
         grad_kernel = torch.zeros_like(kernel)
         if c is not None:
