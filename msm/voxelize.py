@@ -51,9 +51,8 @@ def _check_voxel_size(voxel_size) -> float:
 
 def _grid_keys(coord: torch.Tensor, voxel_size: float, compact: bool = False):
     """Packed keys (N,) of `floor(coord / voxel_size) - min`, one axis at a time; MSMError on NaN/inf or huge extents.
-    `compact=True`: (key, span), key the mixed-radix key `(x * span[1] + y) * span[2] + z` over the scene's box of
-    span[0] x span[1] x span[2] voxels instead: the same order, and int32 (half the bytes to sort) when the box has
-    at most 2**31 cells."""
+    `compact`: (key, span) with the mixed-radix key `(x * span[1] + y) * span[2] + z` of the scene's box instead
+    (same order; int32 when the box has at most 2**31 cells)."""
     key, span = None, []
     for j in range(3):
         col = coord[:, j].to(torch.float64, copy=True).div_(voxel_size).floor_()  # (N,) exact integers in float64
@@ -73,9 +72,7 @@ def _grid_keys(coord: torch.Tensor, voxel_size: float, compact: bool = False):
             key = g if key is None else key.mul_(span[-1]).add_(g)
         else:
             key = g if key is None else key.bitwise_left_shift_(KEY_BITS).bitwise_or_(g)
-    if not compact:
-        return key
-    return (key.int() if span[0] * span[1] * span[2] <= 2**31 else key), span
+    return ((key.int() if span[0] * span[1] * span[2] <= 2**31 else key), span) if compact else key
 
 
 def grid_keys(coord, voxel_size: float) -> torch.Tensor:
