@@ -87,9 +87,10 @@ def nbytes(*tensors) -> int:
 
 
 def kmap_bytes(km) -> int:
-    plans = [p for p in km._plans.values()]
-    return nbytes(*km.in_idx, *km.out_idx) + sum(nbytes(p.src, p.dst) + sum(nbytes(b[5], b[6]) for b in p.blocks)
-                                                 for p in plans)
+    "Bytes of a map's pair lists and everything derived from them (plans, and tables kept beside them)."
+    derived = [nbytes(p) if isinstance(p, torch.Tensor) else nbytes(p.src) + sum(nbytes(b[5], b[6]) for b in p.blocks)
+               for p in km._plans.values()]
+    return nbytes(*km.in_idx, *km.out_idx) + sum(derived)
 
 
 def spconv_weight(kernel: torch.Tensor, ks: int) -> torch.Tensor:

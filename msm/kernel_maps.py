@@ -248,7 +248,7 @@ def downsample(coords: torch.Tensor, stride: int = 2) -> tuple[torch.Tensor, Ker
     if stride != 2:
         raise MSMError(f"downsample supports stride 2 (kernel 2), got {stride}")
     dev = coords.device
-    parent_xyz = torch.div(coords[:, 1:], 2, rounding_mode="floor")
+    parent_xyz = coords[:, 1:] >> 1  # floor(c / 2), also for negative c (an arithmetic shift)
     pc = torch.cat([coords[:, :1], parent_xyz], 1)  # (M, 4) parent of every fine voxel
     K = 8
     if len(coords) == 0:
@@ -256,14 +256,12 @@ def downsample(coords: torch.Tensor, stride: int = 2) -> tuple[torch.Tensor, Ker
         return pc, KernelMap([e] * K, [e] * K, kernel_offsets(2, dev), 0, 0, coords, pc, "down", e)
     lo, span = _box(pc)
     ukeys, parent = torch.unique(_keys(pc, lo, span), return_inverse=True)  # sorted keys = (b, x, y, z) order
-    rest = ukeys
-    cols = []
-    for s in (span[3], span[2], span[1]):
-        cols.append(rest % s)
-        rest = torch.div(rest, s, rounding_mode="floor")
-    out_coords = (torch.stack([rest] + cols[::-1], 1) + torch.tensor(lo, device=dev)).int()  # (M_coarse, 4)
-    odd = (coords[:, 1:] - 2 * parent_xyz).long()  # (M, 3) in {0, 1}
-    k_of = odd[:, 0] * 4 + odd[:, 1] * 2 + odd[:, 2]  # z fastest, as kernel_offsets(2)
+    # a coarse voxel's coords are the parent coords of any of its children: one gather (decoding the keys costs
+    # a division and a remainder per column)
+    child = torch.empty(len(ukeys), dtype=torch.int64, device=dev).scatter_(0, parent, torch.arange(len(pc), device=dev))
+    out_coords = _take(pc, child)  # (M_coarse, 4) int32
+    odd = coords[:, 1:] & 1  # (M, 3) c - 2 floor(c / 2), in {0, 1}
+    k_of = (odd << torch.tensor([2, 1, 0], dtype=odd.dtype, device=dev)).sum(1)  # z fastest, as kernel_offsets(2)
     order = torch.sort(k_of * len(ukeys) + parent).indices  # by offset, then coarse row
     in_idx = list(torch.split(order, torch.bincount(k_of, minlength=K).tolist()))
     out_idx = [_take(parent, i) for i in in_idx]
@@ -362,21 +360,37 @@ def _get_plan(kmap: KernelMap, transposed: bool, device_type: str | None = None)
     return kmap._plans[transposed]
 
 
-def _run(plan: _Plan, feats, kernel, out, fresh: bool = False):
-    "out[r] (+)= sum over the pairs of row r of feats[src] @ kernel[k], block by block; `fresh`: out is uninitialised."
+def _run(plan: _Plan, feats, kernel, out, fresh: bool = False, grad=None):
+    """out[r] (+)= sum over the pairs of row r of feats[src] @ kernel[k], block by block; `fresh`: out is uninitialised.
+    `grad = (rows, x, grad_kernel)`: also grad_kernel[k] += x[rows]^T @ feats[src] over the pairs of offset k, where
+    `rows` (P,) are the plan's destination rows in execution order (the backward of a down / transposed map).
+    On CPU each offset's rows are gathered just before their matmul, which then reads them from cache instead of
+    memory, into a buffer of one offset's rows (not a block's: a lower peak); on GPUs one gather per block (fewer
+    launches)."""
     if not plan.blocks:
         return out.zero_() if fresh else out
+    per_offset = feats.device.type == "cpu"
     pmax = max(b[1] - b[0] for b in plan.blocks)
-    gbuf, ybuf = feats.new_empty(pmax, feats.shape[1]), feats.new_empty(pmax, kernel.shape[2])
+    smax = max(e - s for b in plan.blocks for _, s, e in b[4])  # the most pairs of one offset in a block
+    gbuf, ybuf = feats.new_empty(smax if per_offset else pmax, feats.shape[1]), feats.new_empty(pmax, kernel.shape[2])
+    xbuf = None if grad is None else feats.new_empty(smax, grad[1].shape[1])
     for e0, e1, r0, r1, segs, bag_idx, bag_off in plan.blocks:
-        g = torch.index_select(feats, 0, plan.src[e0:e1], out=gbuf[:e1 - e0])  # (n, C_in) gathered rows
+        if not per_offset:
+            g = torch.index_select(feats, 0, plan.src[e0:e1], out=gbuf[:e1 - e0])  # (n, C_in) gathered rows
         y = ybuf[:e1 - e0]
         for k, s, e in segs:
-            torch.mm(g[s:e], kernel[k], out=y[s:e])  # (n_k, C_out) one matmul per offset
+            gs = torch.index_select(feats, 0, plan.src[e0 + s:e0 + e], out=gbuf[:e - s]) if per_offset else g[s:e]
+            torch.mm(gs, kernel[k], out=y[s:e])  # (n_k, C_out) one matmul per offset
+            if grad is not None:  # the kernel gradient pairs the rows just gathered (still in cache, not gathered
+                # again) with the rows of x at the pairs' destinations
+                xg = torch.index_select(grad[1], 0, grad[0][e0 + s:e0 + e], out=xbuf[:e - s])
+                grad[2][k].addmm_(xg.t(), gs)
         if plan.single and fresh:
             torch.index_select(y, 0, bag_idx, out=out[r0:r1])
         elif plan.single:
             out[r0:r1] += y.index_select(0, bag_idx)
+        elif fresh and r1 - r0 == len(out):  # one block holds every row: its sums are the output (no copy)
+            out = F.embedding_bag(bag_idx, y, bag_off, mode="sum")
         elif fresh:
             out[r0:r1] = F.embedding_bag(bag_idx, y, bag_off, mode="sum")  # (r1 - r0, C_out) gather + sum
         else:
@@ -447,10 +461,25 @@ def _torch_grads(kmap, transposed, feats, kernel, grad_out, needs):
     c, grad_feats, grad_kernel = kmap.center, None, None
     if needs[0]:
         if c is not None:  # submanifold: offset K-1-k undoes offset k, so reuse the forward plan
-            grad_feats = _run(_get_plan(kmap, False), grad_out, kernel.flip(0).transpose(1, 2),
-                              torch.mm(grad_out, kernel[c].t()))
+            grad_feats = _run(_get_plan(kmap, False), grad_out, kernel.flip(0).transpose(1, 2).contiguous(),
+                              torch.mm(grad_out, kernel[c].t()))  # contiguous: the matmuls run faster
+        elif needs[1]:  # the map run the other way, the kernel gradient taken from the same gathered rows
+            plan, key = _get_plan(kmap, not transposed), ("rows", not transposed)
+            if key not in kmap._plans:  # destination row of every pair in execution order, built once per map
+                rows = torch.empty(len(plan.src), dtype=torch.int32, device=plan.src.device)
+                for e0, e1, r0, r1, _, bag_idx, bag_off in plan.blocks:
+                    n = torch.diff(bag_off.long(), append=bag_off.new_tensor([e1 - e0]).long())  # pairs per row
+                    rows[e0:e1].scatter_(0, bag_idx.long(), torch.repeat_interleave(
+                        torch.arange(r0, r1, dtype=torch.int32, device=rows.device), n, output_size=e1 - e0))
+                kmap._plans[key] = rows
+            grad_kernel = torch.zeros_like(kernel)
+            out = grad_out.new_empty(len(feats), kernel.shape[1]) if plan.covers else grad_out.new_zeros(
+                len(feats), kernel.shape[1])
+            grad_feats = _run(plan, grad_out, kernel.transpose(1, 2).contiguous(), out, fresh=plan.covers,
+                              grad=(kmap._plans[key], feats, grad_kernel))
+            return grad_feats, grad_kernel
         else:  # the map run the other way, with transposed weights
-            grad_feats = _conv(kmap, not transposed, grad_out, kernel.transpose(1, 2))
+            grad_feats = _conv(kmap, not transposed, grad_out, kernel.transpose(1, 2).contiguous())
     if needs[1]:
         grad_kernel = torch.zeros_like(kernel)
         if c is not None:

@@ -49,9 +49,11 @@ def _check_voxel_size(voxel_size) -> float:
     return v
 
 
-def _grid_keys(coord: torch.Tensor, voxel_size: float) -> torch.Tensor:
-    "Packed keys (N,) of `floor(coord / voxel_size) - min`, one axis at a time; MSMError on NaN/inf or huge extents."
-    key = None
+def _grid_keys(coord: torch.Tensor, voxel_size: float, compact: bool = False):
+    """Packed keys (N,) of `floor(coord / voxel_size) - min`, one axis at a time; MSMError on NaN/inf or huge extents.
+    `compact`: (key, span) with the mixed-radix key `(x * span[1] + y) * span[2] + z` of the scene's box instead
+    (same order; int32 when the box has at most 2**31 cells)."""
+    key, span = None, []
     for j in range(3):
         col = coord[:, j].to(torch.float64, copy=True).div_(voxel_size).floor_()  # (N,) exact integers in float64
         lo, hi = torch.aminmax(col)
@@ -64,9 +66,13 @@ def _grid_keys(coord: torch.Tensor, voxel_size: float) -> torch.Tensor:
             raise MSMError(f"grid_sample: the scene spans {hi - lo + 1:.0f} voxels of {voxel_size:g} along "
                            f"{'xyz'[j]}; at most {2**KEY_BITS} fit the {KEY_BITS}-bit key (use a larger voxel_size "
                            f"or split the scene)")
+        span.append(int(hi - lo) + 1)
         g = col.sub_(lo).long()  # (N,) in [0, 2**21)
-        key = g if key is None else key.bitwise_left_shift_(KEY_BITS).bitwise_or_(g)
-    return key
+        if compact:  # Horner's rule for the mixed-radix key: ((x * span_y) + y) * span_z + z
+            key = g if key is None else key.mul_(span[-1]).add_(g)
+        else:
+            key = g if key is None else key.bitwise_left_shift_(KEY_BITS).bitwise_or_(g)
+    return ((key.int() if span[0] * span[1] * span[2] <= 2**31 else key), span) if compact else key
 
 
 def grid_keys(coord, voxel_size: float) -> torch.Tensor:
@@ -115,7 +121,9 @@ def grid_sample(coord, voxel_size: float, mode: str = "train", generator: torch.
     wider than 2**21 voxels along an axis."""
     if mode not in ("train", "first", "test"):
         raise MSMError(f"grid_sample: mode must be 'train', 'first' or 'test', got {mode!r}")
-    key = _grid_keys(_as_coord(coord), _check_voxel_size(voxel_size))  # (N,)
+    # sorted by the mixed-radix key of the scene's own box: the (x, y, z) order of the packed key, but int32 (half
+    # the bytes for the sort, the largest cost) for any box up to 2**31 voxels
+    key, span = _grid_keys(_as_coord(coord), _check_voxel_size(voxel_size), compact=True)  # (N,)
     perm = _rand(len(key), generator, key.device, "perm") if mode == "test" else None
     sorted_key, order = torch.sort(key if perm is None else key[perm], stable=True)  # (N,), (N,)
     if perm is not None:
@@ -123,7 +131,9 @@ def grid_sample(coord, voxel_size: float, mode: str = "train", generator: torch.
     _, run, counts = torch.unique_consecutive(sorted_key, return_inverse=True, return_counts=True)  # (N,), (M,)
     inverse = torch.empty_like(run).scatter_(0, order, run)  # (N,) inverse[order[i]] = run[i]
     starts = torch.cumsum(counts, 0) - counts  # (M,)
-    grid_coord = unpack_keys(sorted_key.index_select(0, starts))  # (M, 3)
+    vkey = sorted_key.index_select(0, starts)  # (M,) key of every voxel
+    yz = span[1] * span[2]
+    grid_coord = torch.stack([vkey // yz, vkey % yz // span[2], vkey % span[2]], 1).int()  # (M, 3)
     if mode == "first":
         return Voxelization(grid_coord, order.index_select(0, starts), inverse, counts)
     if mode == "train":
