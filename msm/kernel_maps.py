@@ -364,12 +364,13 @@ def _run(plan: _Plan, feats, kernel, out, fresh: bool = False, grad=None):
     """out[r] (+)= sum over the pairs of row r of feats[src] @ kernel[k], block by block; `fresh`: out is uninitialised.
     `grad = (rows, x, grad_kernel)`: also grad_kernel[k] += x[rows]^T @ feats[src] over the pairs of offset k, where
     `rows` (P,) are the plan's destination rows in execution order (the backward of a down / transposed map).
-    On CPU each offset's rows are gathered just before their matmul, which then reads them from cache instead of
-    memory, into a buffer of one offset's rows (not a block's: a lower peak); on GPUs one gather per block (fewer
-    launches)."""
+    On CPU, for maps of at most 8 offsets (the stride-2 down and transposed maps), each offset's rows are gathered
+    just before their matmul, which then reads them from cache instead of memory, into a buffer of one offset's rows
+    (not a block's: a lower peak); otherwise (GPUs, and the 26 offsets of a 3^3 submanifold map, where one gather per
+    offset would add ~30 % to a step's dispatched ops) one gather per block."""
     if not plan.blocks:
         return out.zero_() if fresh else out
-    per_offset = feats.device.type == "cpu"
+    per_offset = feats.device.type == "cpu" and len({k for b in plan.blocks for k, _, _ in b[4]}) <= 8
     pmax = max(b[1] - b[0] for b in plan.blocks)
     smax = max(e - s for b in plan.blocks for _, s, e in b[4])  # the most pairs of one offset in a block
     gbuf, ybuf = feats.new_empty(smax if per_offset else pmax, feats.shape[1]), feats.new_empty(pmax, kernel.shape[2])
