@@ -164,6 +164,11 @@ class BenchConfig(ConfigBase):
     probe_epochs: int = 200  # the paper's (Table 15); 40 under-trains the probe of learned features (see below)
     knn_k: int = 20
     knn_max_per_class: int = 1000
+    # instance probe: PointGroup's clustering (3 cm, 50 points, regions of 100) scaled from ScanNet's ~150k points a
+    # room to these 15k (ASSUMPTION, see nbs/10a_instance): spacing x sqrt(10) -> 10 cm, counts / 10
+    instance_radius: float = 0.1
+    instance_min_points: int = 5
+    instance_min_region: int = 10
 
 # %% ../nbs/14_learning.ipynb #a1b2c3d5
 # limited annotations (paper Tables 4 and 5): K labelled points per training room, or a share of the rooms
@@ -271,7 +276,9 @@ def run_row(key: str, seed: int, data_root, out, config: BenchConfig | None = No
            else config.steps, "overrides": {**config.overrides, **row.overrides}, "labels": row.labels,
            "backbone_of": row.backbone_of, "task": row.task, "final_loss": loss}
     if row.task == "instance":
-        r = run_instance_probe(model, data_root, None, InstanceConfig(seed=seed, progress=progress), probe_cfg)
+        icfg = InstanceConfig(seed=seed, progress=progress, cluster_radius=config.instance_radius,
+                              min_points=config.instance_min_points, min_region=config.instance_min_region)
+        r = run_instance_probe(model, data_root, None, icfg, probe_cfg)
         res["instance"] = {k: r[k] for k in ("ap25", "ap50", "map", "miou")}
     else:
         for mode, r in run_probes(model, data_root, ("linear", "knn"), config=probe_cfg).items():

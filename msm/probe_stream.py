@@ -232,7 +232,7 @@ class CropSteps(torch.utils.data.Dataset):
         return [(i, self.transform(_load_train(self.paths[i], i, self.cfg, self.asked, self.label_key),
                                    _scene_rng(self.cfg.seed, epoch, i, 37))) for i in mine]
 
-# %% ../nbs/10b_probe_stream.ipynb #74bb8aa8
+# %% ../nbs/10b_probe_stream.ipynb #74bb8aa0
 def _summed_step(head: nn.Linear, opt, loss_sum: float, count: int, dev) -> tuple[float, int]:
     """One optimiser step of `head` on its gradients summed over this process's scenes and over all processes, divided
     by the global count of labelled points (the loss of one big batch); returns the global (loss sum, count)."""
@@ -250,7 +250,7 @@ def _summed_step(head: nn.Linear, opt, loss_sum: float, count: int, dev) -> tupl
     opt.zero_grad(set_to_none=True)
     return loss_sum, count
 
-
+# %% ../nbs/10b_probe_stream.ipynb #74bb8aa8
 def fit_streaming_linear(model, paths, n_classes: int, channels: int, config: ProbeConfig | None = None, mean=None,
                          std=None, feat_kw: dict | None = None, label_key: str | None = None, asked: int | None = None,
                          log: list | None = None) -> nn.Linear:

@@ -101,28 +101,67 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is b or (a.device == b.device and a.shape == b.shape and a.stride() == b.stride()
                       and a.data_ptr() == b.data_ptr())
 
+# %% ../nbs/04_sparse.ipynb #1f4c8a70
+def _checked_input(feats, coords, stride, check: bool) -> torch.Tensor:
+    "`coords` (M, 4) int32 on feats' device once `feats`, `coords` and `stride` make a valid SparseTensor; else an MSMError."
+    coords = check_coords(coords)
+    if not isinstance(feats, torch.Tensor) or feats.ndim != 2:
+        raise MSMError(f"feats must be a (M, C) tensor, got {getattr(feats, 'shape', type(feats).__name__)}")
+    if len(feats) != len(coords):
+        raise MSMError(f"feats has {len(feats)} rows but coords has {len(coords)} (length mismatch)")
+    if int(stride) != stride or stride < 1:
+        raise MSMError(f"stride must be a positive integer, got {stride}")
+    coords = coords.to(feats.device)
+    if check and len(coords):
+        if coords[:, 0].min() < 0:
+            raise MSMError("coords: batch index (column 0) must be >= 0")
+        n_unique = len(torch.unique(voxel_keys(coords)))
+        if n_unique != len(coords):
+            raise MSMError(f"coords has {len(coords) - n_unique} duplicate voxel(s); each voxel may appear once")
+    return coords
+
+
+class _PerScene:
+    "Part of `SparseTensor` (mixed in): its scenes (column 0 of `coords`) and a dense view of its grid."
+
+    @property
+    def batch_size(self) -> int:
+        "Number of scenes: 1 + the largest batch index (0 when empty)."
+        return int(self.coords[:, 0].max()) + 1 if len(self) else 0
+
+    def batch_counts(self) -> torch.Tensor:
+        "Voxels per scene, int64 (batch_size,)."
+        return torch.bincount(self.coords[:, 0].long(), minlength=self.batch_size)
+
+    def batch_offsets(self) -> torch.Tensor:
+        "Row ranges per scene, int64 (batch_size + 1,); needs rows grouped by scene (as voxelize and downsample give)."
+        b = self.coords[:, 0]
+        if len(b) > 1 and bool((b[1:] < b[:-1]).any()):
+            raise MSMError("batch_offsets: rows are not grouped by scene (sort coords by batch index first)")
+        return F.pad(self.batch_counts().cumsum(0), (1, 0))
+
+    def dense(self, shape=None, origin=None) -> torch.Tensor:
+        "Dense (B, C, X, Y, Z) grid; voxel [b, x, y, z] lands at [b, :, x - ox, y - oy, z - oz] (origin: min coords)."
+        xyz = self.coords[:, 1:].long()
+        origin = xyz.min(0).values if origin is None else torch.as_tensor(origin, device=xyz.device).long()
+        local = xyz - origin
+        shape = (local.max(0).values + 1).tolist() if shape is None else list(shape)
+        if len(self) and (bool((local < 0).any()) or bool((local >= torch.tensor(shape, device=xyz.device)).any())):
+            raise MSMError(f"dense: voxels fall outside the grid of shape {tuple(shape)} at origin {origin.tolist()}")
+        out = self.feats.new_zeros(self.batch_size, self.feats.shape[1], *shape)
+        b = self.coords[:, 0].long()
+        out[b, :, local[:, 0], local[:, 1], local[:, 2]] = self.feats
+        return out
+
 # %% ../nbs/04_sparse.ipynb #f0a02677
-class SparseTensor:
+class SparseTensor(_PerScene):
     """Features `feats` (M, C) of the occupied voxels `coords` int32 (M, 4) = [b, x, y, z] (batch first, grid units
     of this level), at `stride` (finest-grid voxels per voxel of this level). `cache` is a `SparseCache` shared by
     every tensor derived from the same input; `check=False` skips the duplicate-voxel check."""
 
     def __init__(self, feats: torch.Tensor, coords: torch.Tensor, stride: int = 1, cache: SparseCache | None = None,
                  check: bool = True):
-        coords = check_coords(coords)
-        if not isinstance(feats, torch.Tensor) or feats.ndim != 2:
-            raise MSMError(f"feats must be a (M, C) tensor, got {getattr(feats, 'shape', type(feats).__name__)}")
-        if len(feats) != len(coords):
-            raise MSMError(f"feats has {len(feats)} rows but coords has {len(coords)} (length mismatch)")
-        if int(stride) != stride or stride < 1:
-            raise MSMError(f"stride must be a positive integer, got {stride}")
-        coords = coords.to(feats.device)
-        if check and len(coords):
-            if coords[:, 0].min() < 0:
-                raise MSMError("coords: batch index (column 0) must be >= 0")
-            n_unique = len(torch.unique(voxel_keys(coords)))
-            if n_unique != len(coords):
-                raise MSMError(f"coords has {len(coords) - n_unique} duplicate voxel(s); each voxel may appear once")
+        coords = _checked_input(feats, coords, stride, check)
         self.feats, self.coords, self.stride = feats, coords, int(stride)
         self.cache = SparseCache() if cache is None else cache
         self.cache.coords.setdefault(self.stride, coords)
@@ -158,41 +197,12 @@ class SparseTensor:
             other = other.feats
         return self.replace_feats(self.feats + other)
 
-    @property
-    def batch_size(self) -> int:
-        "Number of scenes: 1 + the largest batch index (0 when empty)."
-        return int(self.coords[:, 0].max()) + 1 if len(self) else 0
-
-    def batch_counts(self) -> torch.Tensor:
-        "Voxels per scene, int64 (batch_size,)."
-        return torch.bincount(self.coords[:, 0].long(), minlength=self.batch_size)
-
-    def batch_offsets(self) -> torch.Tensor:
-        "Row ranges per scene, int64 (batch_size + 1,); needs rows grouped by scene (as voxelize and downsample give)."
-        b = self.coords[:, 0]
-        if len(b) > 1 and bool((b[1:] < b[:-1]).any()):
-            raise MSMError("batch_offsets: rows are not grouped by scene (sort coords by batch index first)")
-        return F.pad(self.batch_counts().cumsum(0), (1, 0))
-
     def to(self, *args, **kwargs) -> SparseTensor:
         "Move / cast the features (`.to(device)`, `.to(dtype)`); coords follow the device. A new device gets a fresh cache."
         feats = self.feats.to(*args, **kwargs)
         if feats.device == self.feats.device:
             return SparseTensor._derived(feats, self.coords, self.stride, self.cache)
         return SparseTensor._derived(feats, self.coords.to(feats.device), self.stride, SparseCache())
-
-    def dense(self, shape=None, origin=None) -> torch.Tensor:
-        "Dense (B, C, X, Y, Z) grid; voxel [b, x, y, z] lands at [b, :, x - ox, y - oy, z - oz] (origin: min coords)."
-        xyz = self.coords[:, 1:].long()
-        origin = xyz.min(0).values if origin is None else torch.as_tensor(origin, device=xyz.device).long()
-        local = xyz - origin
-        shape = (local.max(0).values + 1).tolist() if shape is None else list(shape)
-        if len(self) and (bool((local < 0).any()) or bool((local >= torch.tensor(shape, device=xyz.device)).any())):
-            raise MSMError(f"dense: voxels fall outside the grid of shape {tuple(shape)} at origin {origin.tolist()}")
-        out = self.feats.new_zeros(self.batch_size, self.feats.shape[1], *shape)
-        b = self.coords[:, 0].long()
-        out[b, :, local[:, 0], local[:, 1], local[:, 2]] = self.feats
-        return out
 
 # %% ../nbs/04_sparse.ipynb #91d5bd39
 _BACKEND = contextvars.ContextVar("msm_sparse_backend", default=None)
@@ -259,6 +269,21 @@ def _reparent(km: KernelMap, coarse_coords: torch.Tensor) -> KernelMap:
         out_idx.append(row[o[keep]])
     return KernelMap(in_idx, out_idx, km.offsets, km.n_in, len(coarse_coords), km.in_coords, coarse_coords, "down")
 
+# %% ../nbs/04_sparse.ipynb #2e7b9c40
+def _conv_geometry(kernel_size, stride, transposed: bool) -> tuple[int, int]:
+    "(kernel_size, stride) as ints, for the two kinds `Conv3d` supports; an MSMError for anything else."
+    if isinstance(kernel_size, (tuple, list)):
+        if len(set(kernel_size)) != 1:
+            raise MSMError(f"only cubic kernels are supported, got kernel_size={tuple(kernel_size)}")
+        kernel_size = kernel_size[0]
+    if isinstance(stride, (tuple, list)):
+        stride = stride[0] if len(set(stride)) == 1 else -1
+    odd = kernel_size % 2 == 1 and stride == 1 and not transposed
+    if not (odd or (kernel_size == 2 and stride == 2)):
+        raise MSMError(f"Conv3d supports odd kernels with stride 1 and kernel 2 with stride 2 (also transposed); "
+                       f"got kernel_size={kernel_size}, stride={stride}, transposed={transposed}")
+    return kernel_size, stride
+
 # %% ../nbs/04_sparse.ipynb #933b3aba
 class Conv3d(nn.Module):
     "Sparse 3D convolution: submanifold (odd kernel, stride 1), down-sampling or transposed (kernel 2, stride 2)."
@@ -266,16 +291,7 @@ class Conv3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  bias: bool = False, transposed: bool = False, backend: str | None = None):
         super().__init__()
-        if isinstance(kernel_size, (tuple, list)):
-            if len(set(kernel_size)) != 1:
-                raise MSMError(f"only cubic kernels are supported, got kernel_size={tuple(kernel_size)}")
-            kernel_size = kernel_size[0]
-        if isinstance(stride, (tuple, list)):
-            stride = stride[0] if len(set(stride)) == 1 else -1
-        odd = kernel_size % 2 == 1 and stride == 1 and not transposed
-        if not (odd or (kernel_size == 2 and stride == 2)):
-            raise MSMError(f"Conv3d supports odd kernels with stride 1 and kernel 2 with stride 2 (also transposed); "
-                           f"got kernel_size={kernel_size}, stride={stride}, transposed={transposed}")
+        kernel_size, stride = _conv_geometry(kernel_size, stride, transposed)
         if backend is not None and backend not in _BACKENDS:
             raise MSMError(f"unknown sparse backend '{backend}' (choose from {', '.join(_BACKENDS)})")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -323,28 +339,29 @@ class Conv3d(nn.Module):
             if coarse is None or not (_same(coarse, km.out_coords) or torch.equal(coarse, km.out_coords)):
                 coarse = km.out_coords
             return SparseTensor._derived(out, coarse, 2 * x.stride, x.cache)
-        return self._transposed(x, kernel, bias, target, conv)
+        return _transposed_conv(x, kernel, bias, target, conv)
 
-    def _transposed(self, x, kernel, bias, target, conv=sparse_conv):
-        "Transposed kernel-2 convolution onto the finer voxel set (target, or the cached set of stride x.stride // 2)."
-        if x.stride < 2 or x.stride % 2:
-            raise MSMError(f"transposed Conv3d needs an input at an even stride >= 2, got stride {x.stride}")
-        fine_stride = x.stride // 2
-        if target is None:
-            fine = x.cache.coords.get(fine_stride)
-            if fine is None:
-                raise MSMError(f"no voxel set of stride {fine_stride} in the cache: pass target= (the finer tensor)")
-        else:
-            fine = target.coords if isinstance(target, SparseTensor) else check_coords(target, "target")
-        km = x.cache.kmaps.get((fine_stride, 2, 2))
-        if km is None or not _same(km.in_coords, fine):
-            km = _down_map(fine)
-            if _same(x.cache.coords.get(fine_stride), fine):
-                x.cache.kmaps[(fine_stride, 2, 2)] = km
-        if not _same(km.out_coords, x.coords) and not torch.equal(km.out_coords, x.coords):
-            km = _reparent(km, x.coords)
-        out = conv(x.feats, kernel, km, bias, transposed=True)  # (M_fine, C_out)
-        return SparseTensor._derived(out, fine, fine_stride, x.cache)
+# %% ../nbs/04_sparse.ipynb #2e7b9c42
+def _transposed_conv(x: SparseTensor, kernel, bias, target, conv=sparse_conv) -> SparseTensor:
+    "Transposed kernel-2 convolution onto the finer voxel set (target, or the cached set of stride x.stride // 2)."
+    if x.stride < 2 or x.stride % 2:
+        raise MSMError(f"transposed Conv3d needs an input at an even stride >= 2, got stride {x.stride}")
+    fine_stride = x.stride // 2
+    if target is None:
+        fine = x.cache.coords.get(fine_stride)
+        if fine is None:
+            raise MSMError(f"no voxel set of stride {fine_stride} in the cache: pass target= (the finer tensor)")
+    else:
+        fine = target.coords if isinstance(target, SparseTensor) else check_coords(target, "target")
+    km = x.cache.kmaps.get((fine_stride, 2, 2))
+    if km is None or not _same(km.in_coords, fine):
+        km = _down_map(fine)
+        if _same(x.cache.coords.get(fine_stride), fine):
+            x.cache.kmaps[(fine_stride, 2, 2)] = km
+    if not _same(km.out_coords, x.coords) and not torch.equal(km.out_coords, x.coords):
+        km = _reparent(km, x.coords)
+    out = conv(x.feats, kernel, km, bias, transposed=True)  # (M_fine, C_out)
+    return SparseTensor._derived(out, fine, fine_stride, x.cache)
 
 # %% ../nbs/04_sparse.ipynb #2de8e188
 def _torchsparse_conv(conv: Conv3d, x: SparseTensor, kernel, bias, target):

@@ -48,7 +48,7 @@ def _check_voxel_size(voxel_size) -> float:
         raise MSMError(f"voxel_size must be a positive number, got {voxel_size!r}")
     return v
 
-
+# %% ../nbs/03_voxelize.ipynb #ec175ff9
 def _grid_keys(coord: torch.Tensor, voxel_size: float, compact: bool = False):
     """Packed keys (N,) of `floor(coord / voxel_size) - min`, one axis at a time; MSMError on NaN/inf or huge extents.
     `compact`: (key, span) with the mixed-radix key `(x * span[1] + y) * span[2] + z` of the scene's box instead
