@@ -64,6 +64,8 @@ def main(argv=None):
                    help="seed of the generated rooms (another seed: rooms no setting was chosen on)")
     p.add_argument("--probe-epochs", type=int, default=d.probe_epochs)
     p.add_argument("--table-only", action="store_true", help="print the table of the runs cached under --out, run nothing")
+    p.add_argument("--save-results", default=None, metavar="FILE",
+                   help="with --table-only: also write the cached runs' results (without per-class IoUs) as one JSON list")
     a = p.parse_args(argv)
     rows = expand_rows([r.strip() for r in a.rows.split(",") if r.strip()])
     overrides = {}
@@ -80,6 +82,10 @@ def main(argv=None):
             raise SystemExit(f"{out}: no cached results")
         print(bench_table(results) + "\n" + instance_table(results))
         label_budget_figure(results, out / "labels.png")
+        if a.save_results:
+            slim = [{k: ({m: v for m, v in x.items() if m != "per_class_iou"} if isinstance(x, dict) else x)
+                     for k, x in r.items()} for r in results]
+            Path(a.save_results).write_text(json.dumps(slim, indent=0, default=float) + "\n")
         return
     data = bench_rooms(a.data or out / "rooms", cfg.n_train, cfg.n_val, cfg.n_points, cfg.data_seed)
     t0 = time.time()
