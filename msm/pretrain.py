@@ -38,11 +38,6 @@ __all__ = ['MSM', 'PretrainConfig', 'replace_fields', 'total_steps', 'warmup_ste
            'get_method', 'config_diff', 'load_checkpoint', 'amp_dtype', 'backward_step', 'pretrain']
 
 # %% ../nbs/09_pretrain.ipynb #2e5801eb
-_NESTED = {"model": HUNetConfig, "objective": ObjectiveConfig, "mask": MaskConfig}
-_RUNTIME = ("num_workers", "log_every", "save_every", "tensorboard", "cache_scenes", "max_skipped_steps",
-            "ddp_find_unused", "accum_steps", "keep_every")  # may change on resume
-
-
 @dataclass
 class PretrainConfig(ConfigBase):
     "One pre-training run: model, objective, masks, data augmentation, optimisation; presets tiny / ablation / paper."
@@ -114,6 +109,9 @@ class PretrainConfig(ConfigBase):
         return self
 
 # %% ../nbs/09_pretrain.ipynb #9c2f4e62
+_NESTED = {"model": HUNetConfig, "objective": ObjectiveConfig, "mask": MaskConfig}
+_RUNTIME = ("num_workers", "log_every", "save_every", "tensorboard", "cache_scenes", "max_skipped_steps",
+            "ddp_find_unused", "accum_steps", "keep_every")  # may change on resume
 _AMP = ("bf16", "fp16", "off")
 _AT_LEAST = {"batch_size": 1, "epochs": 1, "crop_points": 1, "log_every": 1, "save_every": 1, "num_workers": 0,
              "max_skipped_steps": 1, "warmup_epochs": 0, "weight_decay": 0, "accum_steps": 1, "keep_every": 1}
