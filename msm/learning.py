@@ -402,9 +402,10 @@ def label_budget_figure(results: list[dict], path=None):
     mean over seeds, the bar over their range. Saved to `path` when given; returns the figure."""
     import matplotlib.pyplot as plt
     by = {}
-    for r in results:
-        if r.get("task", "semantic") == "semantic":
-            by.setdefault((r["method"] or "random", json.dumps(r.get("labels", {}), sort_keys=True)), []).append(r)
+    for r in results:  # the rows random / msm / supervised and their label budgets (not the ablations, not instances)
+        base, _, budget = r["row"].partition("_")
+        if budget in ("", *LABEL_BUDGETS) and r.get("task", "semantic") == "semantic":
+            by.setdefault((base, json.dumps(r.get("labels", {}), sort_keys=True)), []).append(r)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80, gridspec_kw={"width_ratios": [2, 1]})
     styles = {"random": ("random init", "0.5"), "msm": ("MSM (frozen)", "tab:blue"),
               "supervised": ("supervised, same labels", "tab:green")}
