@@ -323,8 +323,24 @@ class _BottomUpDecoder:
             out = torch.where(full.masked[lv][:, None], full.tokens[lv].to(out.dtype), out)
         return out
 
+# %% ../nbs/06_hunet.ipynb #4e2a6c15
+class _CurveChoice:
+    """Part of `HUNet` (mixed in): which space-filling curve each attention block of a stage uses in this forward
+    (the config's `curves`, in turn, or in a fresh order per stage with `shuffle_curves`)."""
+
+    def _curves(self, stage: _Stage, perms=None) -> list:
+        """The curve of every attention block of `stage` for this forward; with `shuffle_curves`, the next permutation
+        of `perms` (an iterator over draws made by the data pipeline) when it has one of the right length, else drawn."""
+        cv = self.config.curves
+        if not stage.n_att:
+            return []
+        perm = next(perms, None) if perms is not None and self.config.shuffle_curves else None
+        if perm is None or len(perm) != len(cv):
+            perm = torch.randperm(len(cv)).tolist() if self.config.shuffle_curves else list(range(len(cv)))
+        return [cv[perm[j % len(cv)]] for j in range(stage.n_att)]
+
 # %% ../nbs/06_hunet.ipynb #03886a08
-class HUNet(_Inputs, _BottomUpDecoder, nn.Module):
+class HUNet(_Inputs, _CurveChoice, _BottomUpDecoder, nn.Module):
     "Hybrid sparse-conv / attention U-Net; `forward(x)` -> decoder levels finest first (see the notebook)."
 
     def __init__(self, config: HUNetConfig | None = None):
@@ -346,17 +362,6 @@ class HUNet(_Inputs, _BottomUpDecoder, nn.Module):
     n_levels = property(lambda self: len(self.config.channels), doc="Number of levels.")
     level_channels = property(lambda self: list(self.config.dec_channels), doc="Output channels per level, finest first.")
     token_channels = property(lambda self: list(self.config.dec_channels), doc="Mask-token channels per level, finest first.")
-
-    def _curves(self, stage: _Stage, perms=None) -> list:
-        """The curve of every attention block of `stage` for this forward; with `shuffle_curves`, the next permutation
-        of `perms` (an iterator over draws made by the data pipeline) when it has one of the right length, else drawn."""
-        cv = self.config.curves
-        if not stage.n_att:
-            return []
-        perm = next(perms, None) if perms is not None and self.config.shuffle_curves else None
-        if perm is None or len(perm) != len(cv):
-            perm = torch.randperm(len(cv)).tolist() if self.config.shuffle_curves else list(range(len(cv)))
-        return [cv[perm[j % len(cv)]] for j in range(stage.n_att)]
 
     def encode(self, x: SparseTensor, perms=None) -> list:
         "Encoder levels (SparseTensors, finest first); `perms` an optional iterator of curve permutations (see `_curves`)."

@@ -6,6 +6,7 @@ memory-lean autograd function: the functional core of the library's pure-PyTorch
 # %% ../nbs/03a_kernel_maps.ipynb #cf1d5a0b
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -283,6 +284,14 @@ class _Plan:
     single: bool  # every destination row has exactly one pair (no sum needed)
     block_pairs: int = _BLOCK_PAIRS  # the block size it was built for (CPU or CUDA)
 
+    @functools.cached_property
+    def sizes(self) -> tuple[int, int, int]:
+        "(most pairs of a block, most pairs of one offset in a block, distinct offsets): `_run`'s buffers and path."
+        if not self.blocks:
+            return 0, 0, 0
+        return (max(b[1] - b[0] for b in self.blocks), max(e - s for b in self.blocks for _, s, e in b[4]),
+                len({k for b in self.blocks for k, _, _ in b[4]}))
+
     def to(self, device, memo: dict | None = None) -> _Plan:
         "The plan on `device` (block boundaries are Python ints and travel as they are)."
         memo = {} if memo is None else memo
@@ -370,9 +379,8 @@ def _run(plan: _Plan, feats, kernel, out, fresh: bool = False, grad=None):
     offset would add ~30 % to a step's dispatched ops) one gather per block."""
     if not plan.blocks:
         return out.zero_() if fresh else out
-    per_offset = feats.device.type == "cpu" and len({k for b in plan.blocks for k, _, _ in b[4]}) <= 8
-    pmax = max(b[1] - b[0] for b in plan.blocks)
-    smax = max(e - s for b in plan.blocks for _, s, e in b[4])  # the most pairs of one offset in a block
+    pmax, smax, n_offsets = plan.sizes  # the most pairs of a block, of one offset in a block; offsets
+    per_offset = feats.device.type == "cpu" and n_offsets <= 8
     gbuf, ybuf = feats.new_empty(smax if per_offset else pmax, feats.shape[1]), feats.new_empty(pmax, kernel.shape[2])
     xbuf = None if grad is None else feats.new_empty(smax, grad[1].shape[1])
     for e0, e1, r0, r1, segs, bag_idx, bag_off in plan.blocks:

@@ -350,13 +350,19 @@ def _stats(values: list) -> tuple:
     return v.mean(), v.min(), v.max()
 
 
+def _by_row(results: list[dict], task: str) -> dict:
+    "{row: its results over seeds} of one task ('semantic' or 'instance'), rows in the order they first appear."
+    by_row = {}
+    for r in results:
+        if r.get("task", "semantic") == task:
+            by_row.setdefault(r["row"], []).append(r)
+    return by_row
+
+
 def bench_table(results: list[dict]) -> str:
     """Markdown table of the semantic rows: mean [min-max] over seeds per row, in the order rows first appear; the
     gain is against the random-init row under the same label budget."""
-    by_row = {}
-    for r in results:
-        if r.get("task", "semantic") == "semantic":
-            by_row.setdefault(r["row"], []).append(r)
+    by_row = _by_row(results, "semantic")
     floor = {json.dumps(rs[0].get("labels", {}), sort_keys=True): _stats([r["linear"]["miou"] for r in rs])[0]
              for rs in by_row.values() if rs[0]["method"] is None}
     lines = ["| row | seeds | linear mIoU | kNN mIoU | linear vs random | min / run |", "|---|---|---|---|---|---|"]
@@ -384,10 +390,7 @@ def separated(results: list[dict], row: str, than: str = "random", mode: str = "
 # %% ../nbs/14_learning.ipynb #d4f1a7b2
 def instance_table(results: list[dict]) -> str:
     "Markdown table of the instance rows: AP@25, AP@50, mAP and the semantic head's mIoU, mean [min-max] over seeds."
-    by_row = {}
-    for r in results:
-        if r.get("task") == "instance":
-            by_row.setdefault(r["row"], []).append(r)
+    by_row = _by_row(results, "instance")
     lines = ["| row | seeds | AP@25 | AP@50 | mAP | semantic mIoU | min / run |", "|---|---|---|---|---|---|---|"]
     for rs in by_row.values():
         cells = ["%.1f [%.1f-%.1f]" % _stats([r["instance"][k] for r in rs]) for k in ("ap25", "ap50", "map", "miou")]

@@ -203,12 +203,27 @@ def guided_patch_mask(coords, saliency, patch_size: int, ratio: float, temperatu
     rank[order] = torch.arange(n_p, device=coords.device) - starts[group[order]]  # (P,) rank of the key in its scene
     return (rank < k[group])[inverse]  # (M,)
 
-# %% ../nbs/07_masking.ipynb #52c3f4b9
+# %% ../nbs/07_masking.ipynb #52c3f4b8
 _KINDS = ("patch", "random_voxel")
 _SCHEDULES = ("constant", "linear", "cosine")
 _STRATEGIES = ("random", "guided2d")
 
 
+def _check_mask_config(cfg) -> None:
+    "`MSMError` naming the first field of a `MaskConfig` out of its choices or range (run when one is made)."
+    if cfg.kind not in _KINDS:
+        raise MSMError(f"MaskConfig: kind must be one of {', '.join(_KINDS)}, got {cfg.kind!r}")
+    if cfg.schedule not in _SCHEDULES:
+        raise MSMError(f"MaskConfig: schedule must be one of {', '.join(_SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.strategy not in _STRATEGIES:
+        raise MSMError(f"MaskConfig: strategy must be one of {', '.join(_STRATEGIES)}, got {cfg.strategy!r}")
+    if not 0.0 <= float(cfg.saliency_temperature) < math.inf:
+        raise MSMError(f"MaskConfig: saliency_temperature must be finite and >= 0, got {cfg.saliency_temperature!r}")
+    _check_power_of_two(cfg.patch_size, "patch_size")
+    _check_ratio(cfg.ratio)
+    _check_ratio(cfg.ratio_start)
+
+# %% ../nbs/07_masking.ipynb #52c3f4b9
 @dataclass
 class MaskConfig(ConfigBase):
     "Which voxels the student does not see: patch size, ratio (Table 14) and its schedule, patches or single voxels."
@@ -221,16 +236,7 @@ class MaskConfig(ConfigBase):
     saliency_temperature: float = 0.5  # guided2d: T of the visible-patch draw (0 = exactly the most salient)
 
     def __post_init__(self):
-        if self.kind not in _KINDS:
-            raise MSMError(f"MaskConfig: kind must be one of {', '.join(_KINDS)}, got {self.kind!r}")
-        if self.schedule not in _SCHEDULES:
-            raise MSMError(f"MaskConfig: schedule must be one of {', '.join(_SCHEDULES)}, got {self.schedule!r}")
-        if self.strategy not in _STRATEGIES:
-            raise MSMError(f"MaskConfig: strategy must be one of {', '.join(_STRATEGIES)}, got {self.strategy!r}")
-        if not 0.0 <= float(self.saliency_temperature) < math.inf:
-            raise MSMError(f"MaskConfig: saliency_temperature must be finite and >= 0, got {self.saliency_temperature!r}")
-        _check_power_of_two(self.patch_size, "patch_size")
-        _check_ratio(self.ratio), _check_ratio(self.ratio_start)
+        _check_mask_config(self)
 
     @classmethod
     def for_levels(cls, n_levels: int, **kwargs) -> MaskConfig:

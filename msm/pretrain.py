@@ -37,11 +37,34 @@ from .transforms import default_pretrain_transform
 __all__ = ['MSM', 'PretrainConfig', 'replace_fields', 'total_steps', 'warmup_steps', 'lr_at', 'PretrainMethod', 'n_levels',
            'get_method', 'config_diff', 'load_checkpoint', 'amp_dtype', 'backward_step', 'pretrain']
 
+# %% ../nbs/09_pretrain.ipynb #2e5801e9
+class _PretrainPresets:
+    """Part of `PretrainConfig` (mixed in): its three presets, each the paper's defaults with a few fields replaced;
+    `PretrainConfig.preset(name)` builds one by name."""
+    PRESETS = ("tiny", "ablation", "paper")
+
+    @classmethod
+    def paper(cls) -> PretrainConfig:
+        "Table 14 with the paper's model (Table 12, 2 cm)."
+        return cls()
+
+    @classmethod
+    def ablation(cls) -> PretrainConfig:
+        "Table 14 settings with the ablation model of Table 13 (4 cm, 4 levels)."
+        return cls(name="ablation", model=HUNetConfig.ablation(), mask=MaskConfig.for_levels(4))
+
+    @classmethod
+    def tiny(cls) -> PretrainConfig:
+        "CPU-friendly: tiny model, 8k-point crops, batch 2, 300 steps, lr 3e-3, mask 0.2, visible voxels in the loss."
+        return cls(name="tiny", model=HUNetConfig.tiny(), mask=MaskConfig.for_levels(4, ratio=0.2),
+                   objective=ObjectiveConfig(visible_weight=1.0), crop_points=8_000, batch_size=2, max_steps=300,
+                   epochs=100, warmup_epochs=5, lr=3e-3, num_workers=1, cache_scenes=True, log_every=5,
+                   save_every=100, tensorboard=False)
+
 # %% ../nbs/09_pretrain.ipynb #2e5801eb
 @dataclass
-class PretrainConfig(ConfigBase):
+class PretrainConfig(_PretrainPresets, ConfigBase):
     "One pre-training run: model, objective, masks, data augmentation, optimisation; presets tiny / ablation / paper."
-    PRESETS = ("tiny", "ablation", "paper")  # PretrainConfig.preset(name) builds one by name
     name: str = "paper"  # the preset it started from (reported when configs differ)
     model: HUNetConfig = field(default_factory=HUNetConfig.paper)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -71,24 +94,6 @@ class PretrainConfig(ConfigBase):
     max_skipped_steps: int = 20  # non-finite steps in a row (skipped, weights untouched) before the run stops
     ddp_find_unused: bool | None = None  # DDP searches for parameters without a gradient (None: the method decides)
     seed: int = 0
-
-    @classmethod
-    def paper(cls) -> PretrainConfig:
-        "Table 14 with the paper's model (Table 12, 2 cm)."
-        return cls()
-
-    @classmethod
-    def ablation(cls) -> PretrainConfig:
-        "Table 14 settings with the ablation model of Table 13 (4 cm, 4 levels)."
-        return cls(name="ablation", model=HUNetConfig.ablation(), mask=MaskConfig.for_levels(4))
-
-    @classmethod
-    def tiny(cls) -> PretrainConfig:
-        "CPU-friendly: tiny model, 8k-point crops, batch 2, 300 steps, lr 3e-3, mask 0.2, visible voxels in the loss."
-        return cls(name="tiny", model=HUNetConfig.tiny(), mask=MaskConfig.for_levels(4, ratio=0.2),
-                   objective=ObjectiveConfig(visible_weight=1.0), crop_points=8_000, batch_size=2, max_steps=300,
-                   epochs=100, warmup_epochs=5, lr=3e-3, num_workers=1, cache_scenes=True, log_every=5,
-                   save_every=100, tensorboard=False)
 
     def __post_init__(self):
         if isinstance(self.amp, bool):  # checkpoints written before amp had three modes
@@ -545,20 +550,42 @@ def _kept_epoch(step: int, config, n_scenes: int) -> int | None:
     return now // config.keep_every * config.keep_every if now // config.keep_every > before // config.keep_every \
         else None
 
+# %% ../nbs/09_pretrain.ipynb #3d7a0b5a
+def _open_scenes(config, data_root, split, out) -> tuple:
+    "The run's scenes (checked), its checkpoint path out/checkpoint.pt and the data's identity (`_data_id`)."
+    scenes = SceneDataset(data_root, split, cache=config.cache_scenes)
+    check_scenes(scenes.paths)
+    return scenes, out / "checkpoint.pt", _data_id(scenes)
+
+
+def _check_start(resume, ckpt, ckpt_path, config, method, total, data_id, world) -> None:
+    "A resume continues the same run (`_check_resume`); a fresh run never overwrites a checkpoint."
+    if resume:
+        _check_resume(ckpt, ckpt_path, config, method, total, data_id, world)
+    elif ckpt_path.exists():
+        raise MSMError(f"{ckpt_path}: a checkpoint exists already (pass --resume to continue it, or use another --out)")
+
+
+def _skips_in_a_row(in_a_row: int, skipped: bool, grad_norm, step: int, config, ckpt_path, rank: int) -> int:
+    """Non-finite steps in a row after `step` (0 when it was finite): each one warned about, `MSMError` once there
+    are `max_skipped_steps` of them (the weights are those of the last finite step)."""
+    in_a_row = in_a_row + 1 if skipped else 0
+    if in_a_row and rank == 0:
+        warnings.warn(f"step {step}: non-finite loss or gradients (grad norm {grad_norm}), step skipped", stacklevel=4)
+    if in_a_row >= config.max_skipped_steps:
+        raise MSMError(f"{in_a_row} steps in a row with a non-finite loss or gradients (up to step {step}); "
+                       f"weights untouched since, {_kept(ckpt_path)} (lower lr?)")
+    return in_a_row
+
 # %% ../nbs/09_pretrain.ipynb #63c217c6
 def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, progress, stop_at, rank, world, local_rank,
               stop):
     from msm.core import to_device
-    scenes = SceneDataset(data_root, split, cache=config.cache_scenes)
-    check_scenes(scenes.paths)
-    ckpt_path, data_id = out / "checkpoint.pt", _data_id(scenes)
+    scenes, ckpt_path, data_id = _open_scenes(config, data_root, split, out)
     config, total, ckpt = _run_length(config, scenes, max_steps, epochs, resume, ckpt_path)
     data = StepSamples(scenes, spec.build_sampler(config), config.seed, config.batch_size, rank, world,
                        int(ckpt["step"]) if ckpt else 0, total, config.accum_steps)
-    if resume:
-        _check_resume(ckpt, ckpt_path, config, spec.name, total, data_id, world)
-    elif ckpt_path.exists():
-        raise MSMError(f"{ckpt_path}: a checkpoint exists already (pass --resume to continue it, or use another --out)")
+    _check_start(resume, ckpt, ckpt_path, config, spec.name, total, data_id, world)
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     model, module, optimizer, scaler, dtype = _setup(config, spec, device, world, local_rank, ckpt, ckpt_path)
     start, elapsed = (int(ckpt["step"]), float(ckpt.get("elapsed", 0.0))) if ckpt else (0, 0.0)
@@ -574,14 +601,8 @@ def _pretrain(config, data_root, split, out, max_steps, epochs, resume, spec, pr
         res, info = _step(model, module, optimizer, scaler, micro, config, step, total, rank, world, dtype)
         step, points = step + 1, points + sum(int(b["n_points"]) for b in micro)
         waited, computed = waited + t1 - t0, computed + time.time() - t1
-        in_a_row = in_a_row + 1 if info.pop("skipped") else 0
+        in_a_row = _skips_in_a_row(in_a_row, info.pop("skipped"), info["grad_norm"], step, config, ckpt_path, rank)
         skipped += in_a_row > 0
-        if in_a_row and rank == 0:
-            warnings.warn(f"step {step}: non-finite loss or gradients (grad norm {info['grad_norm']}), step skipped",
-                          stacklevel=3)
-        if in_a_row >= config.max_skipped_steps:
-            raise MSMError(f"{in_a_row} steps in a row with a non-finite loss or gradients (up to step {step}); "
-                           f"weights untouched since, {_kept(ckpt_path)} (lower lr?)")
         signal_name = stop.agreed(world, device)
         if step % config.log_every == 0 or step in (total, stop_at) or signal_name:
             now, n = time.time(), step - s_log

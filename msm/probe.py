@@ -30,8 +30,9 @@ _all_ = ["extract_point_features", "sample_features"]  # re-exported: `msm.probe
 
 # %% auto #0
 __all__ = ['confusion_matrix', 'segmentation_metrics', 'plot_confusion', 'ProbeConfig', 'train_scenes', 'limit_labels',
-           'limited_root', 'FeatureStore', 'fit_linear_probe', 'knn_bank', 'knn_predict', 'score_scenes', 'run_probes',
-           'run_probe', 'write_point_features', 'extract_point_features', 'sample_features']
+           'limited_root', 'ChannelStats', 'FeatureStore', 'fit_linear_probe', 'knn_bank', 'knn_predict',
+           'score_scenes', 'run_probes', 'run_probe', 'write_point_features', 'extract_point_features',
+           'sample_features']
 
 # %% ../nbs/10_probe.ipynb #e8cdfc98
 def confusion_matrix(pred, target, n_classes: int) -> torch.Tensor:
@@ -217,6 +218,32 @@ def limited_root(data_root, out, labelled_points: int | None = None, train_fract
             np.save(dest / f"{key}.npy", y)
     return out
 
+# %% ../nbs/10_probe.ipynb #5b1e7c2a
+class ChannelStats:
+    "Running per-channel count, sum and sum of squares (float64) of feature rows; `mean_std` of every row added."
+
+    def __init__(self, source: str = "ChannelStats"):
+        self.n, self.sum, self.sq, self.source = 0, None, None, source
+
+    channels = property(lambda self: 0 if self.sum is None else len(self.sum), doc="C, 0 before the first rows.")
+
+    def add(self, f: torch.Tensor) -> None:
+        "Count the rows of `f` (n, C); every call must bring the same C."
+        f = f.detach().double()
+        if self.sum is None:
+            self.sum, self.sq = torch.zeros(f.shape[1], dtype=torch.float64), torch.zeros(f.shape[1], dtype=torch.float64)
+        elif f.shape[1] != len(self.sum):
+            raise MSMError(f"{self.source}: scene has {f.shape[1]} channels, earlier scenes {len(self.sum)}")
+        self.n += len(f)
+        self.sum += f.sum(0).cpu()
+        self.sq += f.square().sum(0).cpu()
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "Per-channel mean and standard deviation (C,) float32 of all rows added (the population deviation)."
+        n = max(self.n, 1)
+        mean = self.sum / n
+        return mean.float(), (self.sq / n - mean.square()).clamp_min(0).sqrt().float()
+
 # %% ../nbs/10_probe.ipynb #5b1e7c21
 def _write_part(folder: Path, number: int, f: torch.Tensor) -> np.ndarray:
     "Save features (n, C) as folder/part_NNNNN.npy in float16 and open it again as a read-only memmap."
@@ -241,20 +268,39 @@ def _gather_parts(parts: list, offsets: torch.Tensor, idx: torch.Tensor, channel
         x[sel[order]] = torch.from_numpy(np.asarray(parts[p][rows[order]], dtype=np.float32))
     return x
 
+
+class _PartFolder:
+    "Part of `FeatureStore` (mixed in): the folder of its float16 parts, made on first use, removed by `close` if made."
+
+    def _write(self, f: torch.Tensor) -> np.ndarray:
+        "Save (n, C) as part number `_files` of the cache folder (made on first use) and open it as a memmap."
+        if self.folder is None:
+            self.folder, self._own = Path(tempfile.mkdtemp(prefix="msm_features_")), True
+        self._files += 1
+        return _write_part(self.folder, self._files - 1, f)
+
+    def close(self) -> None:
+        "Drop the features and remove the cache folder when the store created it."
+        self.parts, self._cat = [], None
+        if self._own and self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
 # %% ../nbs/10_probe.ipynb #51726115
-class FeatureStore:
+class FeatureStore(_PartFolder):
     """Labelled training points' features and labels: float32 in memory, or float16 .npy memmaps past `budget_bytes`.
 
     keep=False only accumulates the counts and channel statistics (for features recomputed on the fly)."""
 
     def __init__(self, budget_bytes: float = 4e9, folder=None, keep: bool = True):
         self.budget, self.folder, self.keep, self._own = budget_bytes, Path(folder) if folder else None, keep, False
-        self.parts, self.label_parts, self.on_disk, self.channels = [], [], False, 0
-        self._sum = self._sq = self._cat = self.labels = self.offsets = None
-        self._n, self._files = 0, 0
+        self.parts, self.label_parts, self.on_disk, self.stats = [], [], False, ChannelStats("FeatureStore")
+        self._cat = self.labels = self.offsets = None
+        self._files = 0
 
     def __len__(self):
-        return self._n
+        return self.stats.n
+
+    channels = property(lambda self: self.stats.channels)
 
     nbytes = property(lambda self: sum(p.nbytes for p in self.parts))
 
@@ -263,11 +309,7 @@ class FeatureStore:
         labels = torch.as_tensor(labels).long().cpu()
         keep = labels >= 0
         f = feats.detach()[keep.to(feats.device)].float().cpu()  # (n, C)
-        if self._sum is not None and f.shape[1] != self.channels:
-            raise MSMError(f"FeatureStore: scene has {f.shape[1]} channels, earlier scenes {self.channels}")
-        self.channels, self._n = f.shape[1], self._n + len(f)
-        self._sum = f.double().sum(0) + (0 if self._sum is None else self._sum)  # (C,)
-        self._sq = f.double().square().sum(0) + (0 if self._sq is None else self._sq)  # (C,)
+        self.stats.add(f)
         if not self.keep:
             return
         if not self.on_disk and self.nbytes + f.numel() * 4 > self.budget:
@@ -276,13 +318,6 @@ class FeatureStore:
         self.parts.append(self._write(f) if self.on_disk else f)
         self.label_parts.append(labels[keep])
         self._cat = None
-
-    def _write(self, f: torch.Tensor) -> np.ndarray:
-        "Save (n, C) as part number `_files` of the cache folder (made on first use) and open it as a memmap."
-        if self.folder is None:
-            self.folder, self._own = Path(tempfile.mkdtemp(prefix="msm_features_")), True
-        self._files += 1
-        return _write_part(self.folder, self._files - 1, f)
 
     def _finish(self):
         if not self.keep:
@@ -293,10 +328,8 @@ class FeatureStore:
             self._cat = [] if self.on_disk else torch.cat(self.parts)  # (n, C) in memory
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        "Per-channel mean and standard deviation (C,) float32 of all added points."
-        n = max(len(self), 1)
-        mean = self._sum / n
-        return mean.float(), (self._sq / n - mean.square()).clamp_min(0).sqrt().float()
+        "Per-channel mean and standard deviation (C,) float32 of all added points (`ChannelStats`)."
+        return self.stats.mean_std()
 
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Features (B, C) float32 and labels (B,) of stored points `idx` (B,)."
@@ -305,12 +338,6 @@ class FeatureStore:
         if not self.on_disk:
             return self._cat.index_select(0, idx), self.labels[idx]
         return _gather_parts(self.parts, self.offsets, idx, self.channels), self.labels[idx]
-
-    def close(self) -> None:
-        "Drop the features and remove the cache folder when the store created it."
-        self.parts, self._cat = [], None
-        if self._own and self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
 
 # %% ../nbs/10_probe.ipynb #9d3cfa7e
 def _lr_factor(step: int, warmup: int, total: int) -> float:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from msm.probe import (
     _MODES,
+    ChannelStats,
     ProbeConfig,
     _class_setup,
     _feature_kw,
@@ -43,8 +44,8 @@ from .runs import init_distributed
 from .transforms import default_pretrain_transform
 
 # %% auto #0
-__all__ = ['ENGINES', 'ChannelStats', 'KnnBank', 'CropSteps', 'fit_streaming_linear', 'evaluate_scenes', 'bank_quota',
-           'run_streaming_probes', 'feature_channels', 'choose_engine', 'probe_backbone']
+__all__ = ['ENGINES', 'KnnBank', 'CropSteps', 'fit_streaming_linear', 'evaluate_scenes', 'bank_quota', 'run_streaming_probes',
+           'feature_channels', 'choose_engine', 'probe_backbone']
 
 # %% ../nbs/10b_probe_stream.ipynb #4d76b6b2
 def _world() -> tuple[int, int]:
@@ -76,32 +77,13 @@ def _scene_rng(seed: int, *words: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), *map(int, words)]))
 
 # %% ../nbs/10b_probe_stream.ipynb #3f2d0000
-class ChannelStats:
-    "Running per-channel sums of features (float64), summed over processes by `reduce`; `mean_std` as FeatureStore's."
-
-    def __init__(self):
-        self.n, self.sum, self.sq = 0, None, None
-
-    def add(self, f: torch.Tensor) -> None:
-        f = f.detach().double()
-        if self.sum is None:
-            self.sum, self.sq = torch.zeros(f.shape[1], dtype=torch.float64), torch.zeros(f.shape[1], dtype=torch.float64)
-        self.n += len(f)
-        self.sum += f.sum(0).cpu()
-        self.sq += f.square().sum(0).cpu()
-
-    def reduce(self, channels: int, device) -> ChannelStats:
-        "Sum the statistics of every process (a process that saw no scene contributes zeros)."
-        if self.sum is None:
-            self.sum, self.sq = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
-        packed = _sum_ranks(torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.sum, self.sq]), device)
-        self.n, self.sum, self.sq = int(packed[0]), packed[1:1 + channels], packed[1 + channels:]
-        return self
-
-    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = max(self.n, 1)
-        mean = self.sum / n
-        return mean.float(), (self.sq / n - mean.square()).clamp_min(0).sqrt().float()
+def _sum_stats(stats: ChannelStats, channels: int, device) -> ChannelStats:
+    "`stats` (a `ChannelStats`, 10_probe) summed over every process (a process that saw no scene contributes zeros)."
+    if stats.sum is None:
+        stats.sum, stats.sq = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+    packed = _sum_ranks(torch.cat([torch.tensor([float(stats.n)], dtype=torch.float64), stats.sum, stats.sq]), device)
+    stats.n, stats.sum, stats.sq = int(packed[0]), packed[1:1 + channels], packed[1 + channels:]
+    return stats
 
 # %% ../nbs/10b_probe_stream.ipynb #8a92e33f
 class _ClassBank:
@@ -391,6 +373,17 @@ def _fit_stream_modes(model, modes, train_paths, n_classes, channels, cfg, stats
         fit_s[mode] = time.perf_counter() - t
     return predictors, fit_s, logs
 
+# %% ../nbs/10b_probe_stream.ipynb #7f3e9a02
+def _stream_classes(train_paths, n_classes, class_names, label_key) -> tuple[int, list]:
+    """(n_classes, class_names) as `run_probes` decides them; a label space of unknown size (no argument, no known
+    label file, no S3DIS annotations) is read from the label files by memory map, without the network."""
+    from msm.data import _LABEL_KEYS, _N_CLASSES
+    p0 = Path(train_paths[0])
+    key = label_key or next((k for k in _LABEL_KEYS if (p0 / f"{k}.npy").exists()), None)  # the loader's choice
+    known = n_classes is not None or key in _N_CLASSES or (p0 / "Annotations").is_dir()
+    max_label = -1 if known else _scan_max_label(train_paths, label_key, n_classes)
+    return _class_setup(train_paths, n_classes, class_names, max_label, label_key)
+
 # %% ../nbs/10b_probe_stream.ipynb #fdb7ad44
 def run_streaming_probes(model, data_root, modes=_MODES, out_dir=None, config: ProbeConfig | None = None,
                          n_classes: int | None = None, class_names=None, train_split: str | list[str] = "train",
@@ -414,16 +407,11 @@ def run_streaming_probes(model, data_root, modes=_MODES, out_dir=None, config: P
         _out_folder(Path(out_dir) / mode)
     feat_kw = _feature_kw(cfg)
     dev, t0 = model_device(model), time.perf_counter()
-    from msm.data import _LABEL_KEYS, _N_CLASSES
-    p0 = Path(train_paths[0])
-    key = label_key or next((k for k in _LABEL_KEYS if (p0 / f"{k}.npy").exists()), None)  # the loader's choice
-    known = n_classes is not None or key in _N_CLASSES or (p0 / "Annotations").is_dir()
-    max_label = -1 if known else _scan_max_label(train_paths, label_key, asked)
-    n_classes, class_names = _class_setup(train_paths, n_classes, class_names, max_label, label_key)
+    n_classes, class_names = _stream_classes(train_paths, n_classes, class_names, label_key)
     stats, bank, counts, channels = _first_pass(model, train_paths, cfg, modes, feat_kw, n_classes, asked, label_key)
     channels = _max_ranks(channels or 0, dev)
     counts = int(_sum_ranks(torch.tensor([counts]), dev))
-    stats.reduce(channels, dev)
+    _sum_stats(stats, channels, dev)
     if counts == 0:
         where = train_split if isinstance(train_split, str) else ",".join(train_split)
         raise MSMError(f"{Path(data_root) / where}: no labelled points (every label is -1)")

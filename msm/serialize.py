@@ -150,6 +150,26 @@ def _blocks_from_counts(scene_counts, M: int, block: int, half: int) -> list:
         out.append((s, e, a, b, first(a) == first(b - 1) and b - 1 - s <= half and e - 1 - a <= half))
     return out
 
+# %% ../nbs/05_serialize.ipynb #a9a60fb1
+def _blocks_from_batch(batch: torch.Tensor, block: int, half: int) -> list:
+    "(s, e, a, b, full) of every query block from the scene ids (M,) on the device: one host sync for all blocks."
+    M = len(batch)
+    first, last = _scene_bounds(batch)  # (M,) scene range of every token
+    s0 = torch.arange(0, M, block, device=batch.device)  # (n_blocks,) first query of every block
+    e0 = (s0 + block).clamp(max=M)
+    k0 = torch.maximum(first[s0], s0 - half)  # key range of every block, clipped to its scenes
+    k1 = torch.minimum(last[e0 - 1], e0 + half)
+    full = (first[k0] == first[k1 - 1]) & (k1 - 1 - s0 <= half) & (e0 - 1 - k0 <= half)  # every pair allowed
+    return list(zip(*(t.tolist() for t in (s0, e0, k0, k1, full))))
+
+
+def _block_size(window: int, heads: int, device: torch.device) -> int:
+    """Queries per block: (heads, block, block + window) scores of about 4M (CPU) / 64M (GPU) floats; on the CPU at
+    most 2 windows (CPU work is block x (block + window) per block; measured)."""
+    budget = 2**22 if device.type == "cpu" else 2**26
+    block = max(16, int((-window + math.sqrt(window**2 + 4 * budget / heads)) / 2))
+    return min(block, max(64, 2 * window)) if device.type == "cpu" else block
+
 # %% ../nbs/05_serialize.ipynb #5e0bd934
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: torch.Tensor | None, window: int,
                      dropout_p: float = 0.0, fp16_qkv: bool = False, block: int | None = None,
@@ -181,24 +201,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: t
             raise MSMError("use_flash=True needs CUDA tensors and the flash_attn package")
     if fp16_qkv:
         q, k, v = q.float(), k.float(), v.float()  # compute in fp32 from fp16-rounded inputs
-    if block is None:  # queries per block: (H, block, block + window) scores of about 4M (CPU) / 64M (GPU) floats
-        budget = 2**22 if q.device.type == "cpu" else 2**26
-        block = max(16, int((-window + math.sqrt(window**2 + 4 * budget / H)) / 2))
-        if q.device.type == "cpu":  # CPU work is block x (block + window) per block: blocks of 2 windows (measured)
-            block = min(block, max(64, 2 * window))
+    block = _block_size(window, H, q.device) if block is None else block
     if recompute is None:  # where SDPA falls back to its math kernel, it keeps every block's probabilities
         recompute = (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
                      and (dropout_p > 0 or q.device.type != "cpu"))
-    if scene_counts is not None:
-        blocks = _blocks_from_counts(scene_counts, M, block, half)
-    else:
-        first, last = _scene_bounds(batch)  # (M,) scene range of every token
-        s0 = torch.arange(0, M, block, device=q.device)  # (n_blocks,) first query of every block
-        e0 = (s0 + block).clamp(max=M)
-        k0 = torch.maximum(first[s0], s0 - half)  # key range of every block, clipped to its scenes
-        k1 = torch.minimum(last[e0 - 1], e0 + half)
-        full = (first[k0] == first[k1 - 1]) & (k1 - 1 - s0 <= half) & (e0 - 1 - k0 <= half)  # every pair allowed
-        blocks = zip(*(t.tolist() for t in (s0, e0, k0, k1, full)))  # one host sync for all blocks
+    blocks = _blocks_from_counts(scene_counts, M, block, half) if scene_counts is not None \
+        else _blocks_from_batch(batch, block, half)
     outs = []
     for s, e, a, b, f in blocks:
         allowed = None
