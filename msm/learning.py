@@ -188,15 +188,20 @@ ROW_GROUPS = {"labels": tuple(f"{m}_{b}" for b in LABEL_BUDGETS for m in ("rando
               "instance": ("random_instance", "msm_instance")}  # names `--rows` accepts besides row keys
 
 
+def _row(key: str, groups: bool = False) -> BenchRow:
+    "The row `key` of `ROWS`; an `MSMError` naming the choices (and the group names, where they apply) otherwise."
+    if key not in ROWS:
+        also = f", or a group: {', '.join(ROW_GROUPS)}, all" if groups else ""
+        raise MSMError(f"unknown benchmark row '{key}' (choose from {', '.join(ROWS)}{also})")
+    return ROWS[key]
+
+
 def expand_rows(rows) -> tuple:
     "Row keys from keys and group names (`ROW_GROUPS`, 'all'), in order, without repeats; unknown names are errors."
     out = []
     for name in rows:
-        keys = tuple(ROWS) if name == "all" else ROW_GROUPS.get(name, (name,))
-        for k in keys:
-            if k not in ROWS:
-                raise MSMError(f"unknown benchmark row '{k}' (choose from {', '.join(ROWS)}, or a group: "
-                               f"{', '.join(ROW_GROUPS)}, all)")
+        for k in tuple(ROWS) if name == "all" else ROW_GROUPS.get(name, (name,)):
+            _row(k, groups=True)
             if k not in out:
                 out.append(k)
     return tuple(out)
@@ -263,7 +268,7 @@ def run_row(key: str, seed: int, data_root, out, config: BenchConfig | None = No
     from msm.instance import InstanceConfig, run_instance_probe
     from msm.probe import ProbeConfig, run_probes
     config = config or BenchConfig()
-    row = ROWS[expand_rows([key])[0]]
+    row = _row(key)
     result_file = Path(out) / key / f"seed{seed}" / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
@@ -350,6 +355,11 @@ def _stats(values: list) -> tuple:
     return v.mean(), v.min(), v.max()
 
 
+def _budget(labels: dict | None) -> str:
+    "A label budget (`BenchRow.labels`) as a key: the same budget gives the same string whatever its dict's order."
+    return json.dumps(labels or {}, sort_keys=True)
+
+
 def _by_row(results: list[dict], task: str) -> dict:
     "{row: its results over seeds} of one task ('semantic' or 'instance'), rows in the order they first appear."
     by_row = {}
@@ -363,7 +373,7 @@ def bench_table(results: list[dict]) -> str:
     """Markdown table of the semantic rows: mean [min-max] over seeds per row, in the order rows first appear; the
     gain is against the random-init row under the same label budget."""
     by_row = _by_row(results, "semantic")
-    floor = {json.dumps(rs[0].get("labels", {}), sort_keys=True): _stats([r["linear"]["miou"] for r in rs])[0]
+    floor = {_budget(rs[0].get("labels")): _stats([r["linear"]["miou"] for r in rs])[0]
              for rs in by_row.values() if rs[0]["method"] is None}
     lines = ["| row | seeds | linear mIoU | kNN mIoU | linear vs random | min / run |", "|---|---|---|---|---|---|"]
     for rs in by_row.values():
@@ -371,7 +381,7 @@ def bench_table(results: list[dict]) -> str:
         for mode in ("linear", "knn"):
             m, lo, hi = _stats([r[mode]["miou"] for r in rs])
             cells.append(f"{m:.1f} [{lo:.1f}-{hi:.1f}]")
-        base = floor.get(json.dumps(rs[0].get("labels", {}), sort_keys=True))
+        base = floor.get(_budget(rs[0].get("labels")))
         delta = "" if base is None or rs[0]["method"] is None else \
             f"{_stats([r['linear']['miou'] for r in rs])[0] - base:+.1f}"
         minutes = np.mean([r["pretrain_s"] + r["probe_s"] for r in rs]) / 60
@@ -408,14 +418,14 @@ def label_budget_figure(results: list[dict], path=None):
     for r in results:  # the rows random / msm / supervised and their label budgets (not the ablations, not instances)
         base, _, budget = r["row"].partition("_")
         if budget in ("", *LABEL_BUDGETS) and r.get("task", "semantic") == "semantic":
-            by.setdefault((base, json.dumps(r.get("labels", {}), sort_keys=True)), []).append(r)
+            by.setdefault((base, _budget(r.get("labels"))), []).append(r)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80, gridspec_kw={"width_ratios": [2, 1]})
     styles = {"random": ("random init", "0.5"), "msm": ("MSM (frozen)", "tab:blue"),
               "supervised": ("supervised, same labels", "tab:green")}
     for m, (name, colour) in styles.items():
         xs, stats = [], []
         for x, labels in ((20, {"labelled_points": 20}), (200, {"labelled_points": 200}), (2000, {})):
-            rs = by.get((m, json.dumps(labels, sort_keys=True)))
+            rs = by.get((m, _budget(labels)))
             if rs:
                 xs.append(x)
                 stats.append(_stats([r["linear"]["miou"] for r in rs]))
@@ -423,7 +433,7 @@ def label_budget_figure(results: list[dict], path=None):
             mean, lo, hi = map(np.array, zip(*stats))
             ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, color=colour, label=name)
         for i, labels in enumerate(({"train_fraction": 0.25}, {})):
-            rs = by.get((m, json.dumps(labels, sort_keys=True)))
+            rs = by.get((m, _budget(labels)))
             if rs:
                 mean, lo, hi = _stats([r["linear"]["miou"] for r in rs])
                 off = list(styles).index(m) * 0.25 - 0.25
